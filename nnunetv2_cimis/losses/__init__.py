@@ -1,0 +1,1 @@
+"""Losses of the class-incremental methods, in plain PyTorch (no nnU-Net imports)."""

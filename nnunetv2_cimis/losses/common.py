@@ -1,0 +1,121 @@
+"""Small helpers shared by the incremental losses.
+
+Conventions used by every loss in this package:
+
+* logits and probabilities are ``(B, C, X, Y[, Z])``; 2D and 3D inputs are both accepted;
+* label maps are ``(B, 1, X, Y[, Z])`` or ``(B, X, Y[, Z])`` integer tensors (nnU-Net gives the former,
+  as float);
+* "old channels" are the teacher's outputs: background (channel 0) and the classes learned before this
+  step, which are channels ``1 .. n_old - 1`` of the student as well (the head is widened by appending
+  the new classes after them).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def check_logits(name: str, x: torch.Tensor, min_channels: int = 1) -> None:
+    """Raise ``ValueError`` unless ``x`` is a 4D or 5D ``(B, C, ...)`` tensor with at least ``min_channels``."""
+    if not torch.is_tensor(x):
+        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.ndim not in (4, 5):
+        raise ValueError(f"{name} must be (B, C, X, Y) or (B, C, X, Y, Z), got shape {tuple(x.shape)}")
+    if x.shape[1] < min_channels:
+        raise ValueError(f"{name} needs at least {min_channels} channels, got shape {tuple(x.shape)}")
+
+
+def check_same_spatial(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless batch and spatial sizes of ``a`` and ``b`` agree (channels may differ)."""
+    if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
+        raise ValueError(f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must have the same batch "
+                         f"and spatial sizes")
+
+
+def labels_to_index(target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Return a ``(B, X, Y[, Z])`` long label map from nnU-Net's ``(B, 1, ...)`` float or a ``(B, ...)`` map.
+
+    ``like`` is a ``(B, C, ...)`` tensor whose batch and spatial sizes the labels must match.
+    """
+    if target.ndim == like.ndim:
+        if target.shape[1] != 1:
+            raise ValueError(f"target must have one channel, got shape {tuple(target.shape)}")
+        target = target[:, 0]
+    if target.shape[0] != like.shape[0] or target.shape[1:] != like.shape[2:]:
+        raise ValueError(f"target {tuple(target.shape)} does not match the spatial size of "
+                         f"{tuple(like.shape)}")
+    return target.long()
+
+
+def merge_new_into_background(logits: torch.Tensor, n_old: int) -> torch.Tensor:
+    """Log-probabilities of the student over the teacher's channels, new classes merged into background.
+
+    The teacher's background may contain what is now a new class (MiB's unbiased distillation):
+    ``log p(bg) = logsumexp(z[bg, new]) - logsumexp(z)`` and ``log p(c) = z_c - logsumexp(z)`` for old c.
+
+    Args:
+        logits: student logits ``(B, C_total, ...)``, channels ``[bg, old..., new...]``.
+        n_old: number of teacher channels (background included), ``1 <= n_old <= C_total``.
+
+    Returns:
+        ``(B, n_old, ...)`` log-probabilities.
+    """
+    check_logits("logits", logits)
+    if not 1 <= n_old <= logits.shape[1]:
+        raise ValueError(f"n_old must be in [1, {logits.shape[1]}], got {n_old}")
+    log_z = torch.logsumexp(logits, dim=1, keepdim=True)
+    bg = torch.logsumexp(torch.cat([logits[:, :1], logits[:, n_old:]], dim=1), dim=1, keepdim=True)
+    return torch.cat([bg, logits[:, 1:n_old]], dim=1) - log_z
+
+
+def merge_old_into_background(logits: torch.Tensor, n_old: int) -> torch.Tensor:
+    """Log-probabilities with background and old classes merged into channel 0 (MiB's unbiased CE).
+
+    A voxel labelled 0 in step t may be background or any old class:
+    ``log p(0) = logsumexp(z[bg, old]) - logsumexp(z)``; new classes keep ``z_c - logsumexp(z)``.
+
+    Returns:
+        ``(B, 1 + C_total - n_old, ...)``: channel 0 the merged one, then the new classes in order.
+    """
+    check_logits("logits", logits)
+    if not 1 <= n_old <= logits.shape[1]:
+        raise ValueError(f"n_old must be in [1, {logits.shape[1]}], got {n_old}")
+    log_z = torch.logsumexp(logits, dim=1, keepdim=True)
+    merged = torch.logsumexp(logits[:, :n_old], dim=1, keepdim=True)
+    return torch.cat([merged, logits[:, n_old:]], dim=1) - log_z
+
+
+def resize_labels_nearest(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour resize of a ``(B, X, Y[, Z])`` or ``(B, 1, ...)`` label map to ``size``.
+
+    Returns a ``(B, *size)`` long tensor.
+    """
+    if labels.ndim == len(size) + 2:
+        labels = labels[:, 0]
+    if tuple(labels.shape[1:]) == tuple(size):
+        return labels.long()
+    out = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")
+    return out[:, 0].long()
+
+
+def masked_mean(features: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6):
+    """Mean feature over the voxels of each mask channel.
+
+    Args:
+        features: ``(B, C, ...)``.
+        mask: ``(B, K, ...)`` non-negative weights (one-hot or soft), same batch and spatial sizes.
+
+    Returns:
+        ``(means, counts)``: ``(K, C)`` mean features (zero rows where a mask is empty, never NaN) and the
+        ``(K,)`` summed weights. Use the sums ``means * counts`` for reductions across batches or ranks.
+    """
+    check_logits("features", features)
+    check_same_spatial("features", features, "mask", mask)
+    f = features.flatten(2)  # B, C, N
+    m = mask.flatten(2).to(f.dtype)  # B, K, N
+    sums = torch.einsum("bkn,bcn->kc", m, f)
+    counts = m.sum(dim=(0, 2))
+    means = sums / counts.clamp_min(eps)[:, None]
+    return means, counts

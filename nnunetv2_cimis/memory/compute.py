@@ -1,0 +1,158 @@
+"""Computing a step's memory in one pass over its training cases.
+
+For each preprocessed training case we take patch-sized crops (one centred on each labelled class and, for
+background statistics, one at the image centre), run the trained network in eval mode, and accumulate:
+
+* per label, the sum of the tap's features over the voxels of that label (labels resized to the tap's
+  resolution by nearest neighbour) and the voxel count -> prototypes;
+* per normalisation layer, per channel, the sum and sum of squares of its input -> mean and variance;
+* one label crop per case (up to ``bank_size``) -> the label bank.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunetv2_cimis.features.taps import FeatureTaps, unwrap_network
+from nnunetv2_cimis.losses.common import resize_labels_nearest
+from nnunetv2_cimis.memory.step_memory import StepMemory
+
+NORM_TYPES = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.BatchNorm1d, nn.BatchNorm2d,
+              nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
+DEFAULT_PROTOTYPE_TAP = "decoder.stages.-2"
+
+
+def normalisation_layers(network: nn.Module) -> Dict[str, nn.Module]:
+    """Module name -> module for every normalisation layer of the (unwrapped) network."""
+    return {n: m for n, m in unwrap_network(network).named_modules() if isinstance(m, NORM_TYPES)}
+
+
+class NormInputStatistics:
+    """Forward pre-hooks accumulating per-channel sum, sum of squares and count of each norm layer's input."""
+
+    def __init__(self, network: nn.Module):
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.squares: Dict[str, torch.Tensor] = {}
+        self.counts: Dict[str, float] = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in normalisation_layers(network).items()]
+
+    def _hook(self, name):
+        def hook(_module, inputs):
+            x = inputs[0].detach().double()
+            dims = [0] + list(range(2, x.ndim))
+            s, q = x.sum(dims), (x * x).sum(dims)
+            n = x.numel() / x.shape[1]
+            if name in self.sums:
+                self.sums[name] += s
+                self.squares[name] += q
+                self.counts[name] += n
+            else:
+                self.sums[name], self.squares[name], self.counts[name] = s, q, n
+        return hook
+
+    def result(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        out = {}
+        for k in self.sums:
+            mean = self.sums[k] / self.counts[k]
+            var = (self.squares[k] / self.counts[k] - mean * mean).clamp_min(0)
+            out[k] = {"mean": mean.float().cpu(), "var": var.float().cpu()}
+        return out
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def crop_around(array: np.ndarray, center: Sequence[int], size: Sequence[int], pad_value=0) -> np.ndarray:
+    """Crop ``array`` (C, *spatial) to ``size`` centred at ``center``, padding with ``pad_value`` outside."""
+    spatial = array.shape[1:]
+    out = np.full((array.shape[0],) + tuple(size), pad_value, dtype=array.dtype)
+    src, dst = [], []
+    for c, s, n in zip(center, size, spatial):
+        lo = int(c) - s // 2
+        a, b = max(lo, 0), min(lo + s, n)
+        src.append(slice(a, b))
+        dst.append(slice(a - lo, b - lo))
+    out[(slice(None),) + tuple(dst)] = array[(slice(None),) + tuple(src)]
+    return out
+
+
+def patch_centres(seg: np.ndarray, labels: Iterable[int], rng: np.random.RandomState) -> List[List[int]]:
+    """One centre per label present (a random voxel of it) plus the image centre. ``seg`` is (X, Y, Z)."""
+    centres = [[s // 2 for s in seg.shape]]
+    for v in labels:
+        idx = np.argwhere(seg == v)
+        if len(idx):
+            centres.append(list(idx[rng.randint(len(idx))]))
+    return centres
+
+
+@torch.no_grad()
+def compute_step_memory(network: nn.Module, dataset, identifiers: Sequence[str], patch_size: Sequence[int],
+                        labels: Dict[int, str], device: torch.device,
+                        prototype_tap: str = DEFAULT_PROTOTYPE_TAP, bank_size: int = 32,
+                        max_cases: Optional[int] = None, seed: int = 0) -> StepMemory:
+    """One pass over ``identifiers`` of an nnU-Net preprocessed ``dataset`` (an ``nnUNetDataset*`` instance).
+
+    Args:
+        network: the trained network (deep supervision may be on; only the tap and norm layers are read).
+        dataset: object with ``load_case(identifier) -> (data, seg, seg_prev, properties)``.
+        identifiers: training cases of the step.
+        patch_size: spatial patch size of the plans (2 or 3 entries; 2D plans take one slice per crop).
+        labels: label value -> name of every class the model knows, background included.
+        prototype_tap: module path of the prototype features.
+        bank_size: maximum number of label crops kept for mask-conditioned synthesis.
+        max_cases: use at most this many cases (None: all).
+    """
+    was_training = unwrap_network(network).training
+    network.eval()
+    rng = np.random.RandomState(seed)
+    n_rows = max(labels) + 1
+    taps = FeatureTaps(network, {"proto": prototype_tap}, detach=True)
+    norm_stats = NormInputStatistics(network)
+    sums = None
+    counts = torch.zeros(n_rows, dtype=torch.float64)
+    bank: List[np.ndarray] = []
+    two_d = len(patch_size) == 2
+    try:
+        for case_i, identifier in enumerate(identifiers):
+            if max_cases is not None and case_i >= max_cases:
+                break
+            data, seg, _, _ = dataset.load_case(identifier)
+            data = np.asarray(data)
+            seg = np.asarray(seg)
+            seg3 = seg[0]
+            for j, centre in enumerate(patch_centres(seg3, [v for v in labels if v > 0], rng)):
+                if two_d:
+                    z = int(centre[0])
+                    d = crop_around(data[:, z], centre[1:], patch_size, 0)
+                    s = crop_around(seg[:, z], centre[1:], patch_size, 0)
+                else:
+                    d = crop_around(data, centre, patch_size, 0)
+                    s = crop_around(seg, centre, patch_size, 0)
+                s = np.where(s < 0, 0, s)  # nnU-Net marks outside-of-mask voxels with -1
+                if j == 1 and len(bank) < bank_size:  # first class-centred crop of the case
+                    bank.append(s[0].astype(np.uint8))
+                x = torch.from_numpy(np.ascontiguousarray(d[None])).float().to(device)
+                network(x)
+                feat = taps.features["proto"].double()
+                lab = resize_labels_nearest(torch.from_numpy(s).long().to(device), feat.shape[2:])
+                lab = lab.clamp(0, n_rows - 1)
+                onehot = torch.nn.functional.one_hot(lab, n_rows).movedim(-1, 1).double()
+                part = torch.einsum("bkn,bcn->kc", onehot.flatten(2), feat.flatten(2)).cpu()
+                sums = part if sums is None else sums + part
+                counts += onehot.sum(dim=[0] + list(range(2, onehot.ndim))).cpu()
+    finally:
+        taps.remove()
+        norm_stats.remove()
+        if was_training:
+            network.train()
+    if sums is None:
+        raise ValueError("compute_step_memory received no training case")
+    prototypes = (sums / counts.clamp_min(1)[:, None]).float()
+    return StepMemory(labels=dict(labels), prototype_tap=prototype_tap, prototypes=prototypes,
+                      prototype_counts=counts, norm_stats=norm_stats.result(), label_bank=bank,
+                      patch_size=[int(p) for p in patch_size])

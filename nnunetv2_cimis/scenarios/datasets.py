@@ -1,0 +1,179 @@
+"""Reading source datasets and writing step datasets in nnU-Net's raw format.
+
+Images are never copied: a step dataset lists its image files under the ``dataset`` key of its
+``dataset.json`` (nnU-Net reads image paths from there), and only the remapped label maps are written.
+Every dataset is written into a hidden temporary folder and renamed when complete, so an interruption or an
+error leaves no half-written dataset in ``nnUNet_raw``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from nnunetv2_cimis.errors import CIMISError
+
+
+def require_env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise CIMISError(f"The environment variable {name} is not set. Set nnUNet_raw, nnUNet_preprocessed and "
+                         f"nnUNet_results as for nnU-Net (see docs/usage.md).")
+    return value
+
+
+def dataset_name(dataset: str) -> str:
+    """``"4"``, ``4`` or ``"Dataset004_Hippocampus"`` -> the dataset's folder name, or a clear error."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    try:
+        return maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError, AssertionError):
+        raise CIMISError(f"Unknown dataset {dataset!r}: no DatasetXXX folder with that id or name in nnUNet_raw, "
+                         f"nnUNet_preprocessed or nnUNet_results.") from None
+
+
+def dataset_id_taken(dataset_id: int) -> Optional[str]:
+    """The folder that already uses ``dataset_id`` in nnUNet_raw / _preprocessed / _results, if any."""
+    pattern = re.compile(rf"^Dataset{dataset_id:03d}_")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        root = os.environ.get(var)
+        if root and os.path.isdir(root):
+            for entry in os.listdir(root):
+                if pattern.match(entry):
+                    return os.path.join(root, entry)
+    return None
+
+
+def load_raw_dataset(name: str) -> Tuple[str, dict, Dict[str, dict]]:
+    """(raw folder, dataset.json, {case: {"images": [...], "label": path}}) of a raw dataset."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    folder = os.path.join(require_env("nnUNet_raw"), name)
+    path = os.path.join(folder, "dataset.json")
+    if not os.path.isfile(path):
+        raise CIMISError(f"{folder} has no dataset.json: is {name} an nnU-Net raw dataset?")
+    with open(path) as f:
+        dataset_json = json.load(f)
+    for key in ("labels", "channel_names", "file_ending"):
+        if key not in dataset_json:
+            raise CIMISError(f"{path} lacks the required key '{key}'.")
+    cases = get_filenames_of_train_images_and_targets(folder, dataset_json)
+    if not cases:
+        raise CIMISError(f"{name} has no training cases (imagesTr/labelsTr are empty).")
+    for case, files in cases.items():
+        for f_ in list(files["images"]) + [files["label"]]:
+            if not os.path.isfile(f_):
+                raise CIMISError(f"Case {case} of {name}: file {f_} does not exist.")
+    return folder, dataset_json, cases
+
+
+def plain_labels(dataset_json: dict, where: str) -> Dict[str, int]:
+    """The dataset's labels as name -> int, refusing region-based labels."""
+    out = {}
+    for name, value in dataset_json["labels"].items():
+        if name == "ignore":
+            continue
+        if not isinstance(value, int):
+            raise CIMISError(f"{where}: label '{name}' is a region ({value}). Scenarios need a plain label map; "
+                             f"convert the dataset in its plain-label form.")
+        out[name] = value
+    if out.get("background", 0) != 0 or 0 not in out.values():
+        raise CIMISError(f"{where}: label 0 must be 'background'.")
+    return out
+
+
+class SegmentationIO:
+    """Read and write label maps with the reader/writer nnU-Net uses for this dataset's file type."""
+
+    def __init__(self, dataset_json: dict, example_file: str):
+        from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+        self.rw = determine_reader_writer_from_dataset_json(dataset_json, example_file, verbose=False)()
+
+    def read(self, path: str) -> Tuple[np.ndarray, dict]:
+        try:
+            seg, props = self.rw.read_seg(path)
+        except Exception as e:
+            raise CIMISError(f"Cannot read the label file {path} ({type(e).__name__}: {e}). Is it corrupt?") from None
+        return seg[0], props
+
+    def write(self, seg: np.ndarray, path: str, props: dict) -> None:
+        self.rw.write_seg(seg, path, props)
+
+
+def check_images_readable(io: SegmentationIO, images: Sequence[str]) -> None:
+    """Open each image once (header and data), so a corrupt file is named now rather than deep in nnU-Net."""
+    for p in images:
+        try:
+            io.rw.read_images([p])
+        except Exception as e:
+            raise CIMISError(f"Cannot read the image {p} ({type(e).__name__}: {e}). Is it corrupt?") from None
+
+
+def remap(seg: np.ndarray, mapping: Mapping[int, int], known: Sequence[int], where: str) -> np.ndarray:
+    """Map source label values to global values; values not in ``mapping`` become 0.
+
+    Raises CIMISError for a value the dataset does not declare.
+    """
+    values = np.unique(seg)
+    unknown = sorted(int(v) for v in values if int(v) not in set(known))
+    if unknown:
+        raise CIMISError(f"{where} contains label values {unknown} that dataset.json does not declare.")
+    lut = np.zeros(int(max(max(known), values.max())) + 1, dtype=np.uint8)
+    for src, dst in mapping.items():
+        lut[src] = dst
+    return lut[seg.astype(np.int64)]
+
+
+@contextmanager
+def staged_folder(final: str) -> Iterator[str]:
+    """Yield a temporary sibling of ``final``; rename it to ``final`` on success, delete it on error."""
+    if os.path.exists(final):
+        raise CIMISError(f"{final} already exists; choose another dataset id or remove it.")
+    parent, base = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.replace(tmp, final)
+
+
+def write_label_dataset(final_folder: str, base_json: dict, cases: Mapping[str, dict], labels: Dict[str, int],
+                        mapping: Mapping[int, int], known_source_values: Sequence[int], io: SegmentationIO,
+                        extra: Optional[dict] = None, labels_subfolder: str = "labelsTr") -> dict:
+    """Write a raw dataset whose images are the source files and whose labels are remapped copies.
+
+    Args:
+        final_folder: ``$nnUNet_raw/DatasetXXX_Name``.
+        base_json: the source dataset.json (channel_names, file_ending, ... are kept).
+        cases: case -> {"images": [abs paths], "label": abs source label path}.
+        labels: the new dataset's labels (name -> global value).
+        mapping: source value -> global value (unlisted values -> 0).
+        known_source_values: values the source declares.
+        extra: extra top-level keys (e.g. the ``cimis`` block).
+    """
+    file_ending = base_json["file_ending"]
+    with staged_folder(final_folder) as tmp:
+        os.makedirs(os.path.join(tmp, labels_subfolder))
+        entries = {}
+        for case, files in cases.items():
+            seg, props = io.read(files["label"])
+            out = remap(seg, mapping, known_source_values, files["label"])
+            rel = f"{labels_subfolder}/{case}{file_ending}"
+            io.write(out, os.path.join(tmp, rel), props)
+            entries[case] = {"images": [os.path.abspath(p) for p in files["images"]], "label": rel}
+        dataset_json = {k: v for k, v in base_json.items() if k not in ("dataset", "labels", "numTraining", "cimis")}
+        dataset_json.update({"labels": labels, "numTraining": len(entries), "dataset": entries})
+        if extra:
+            dataset_json.update(extra)
+        with open(os.path.join(tmp, "dataset.json"), "w") as f:
+            json.dump(dataset_json, f, indent=2)
+    return dataset_json

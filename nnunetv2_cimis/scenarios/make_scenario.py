@@ -1,0 +1,239 @@
+"""``nnUNetv2_cimis_make_scenario``: turn a fully labelled nnU-Net raw dataset into an incremental scenario.
+
+One nnU-Net dataset per step, in one global label space (classes numbered 1..K in scenario order, the same
+values at every step); each step's masks keep only that step's new classes; disjoint, seeded patient subsets
+per step; a held-out test set with all labels; a joint dataset (all training cases, all labels) for the
+upper bound. nnU-Net plans step 0 once; the plans are moved to every other step and the joint dataset and
+each is preprocessed with them, so teacher and student always share one architecture.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from nnunetv2_cimis.errors import CIMISError, cli_entry
+from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, dataset_id_taken,
+                                               dataset_name, load_raw_dataset, plain_labels, remap, require_env,
+                                               write_label_dataset)
+from nnunetv2_cimis.scenarios.scenario import parse_scenario, scenario_label
+from nnunetv2_cimis.scenarios.step_metadata import METADATA_KEY, make_metadata
+
+TEST_SET_FILENAME = "test_set.json"
+
+
+def split_cases(cases: Sequence[str], num_steps: int, test_fraction: float, seed: int,
+                min_per_step: int = 2) -> (List[List[str]], List[str]):
+    """Seeded, disjoint patient subsets: ``num_steps`` training subsets and a test set.
+
+    Raises CIMISError when a step would get fewer than ``min_per_step`` cases.
+    """
+    if not 0 < test_fraction < 1:
+        raise CIMISError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    order = list(np.random.RandomState(seed).permutation(sorted(cases)))
+    n_test = max(1, int(round(test_fraction * len(order))))
+    test, rest = order[:n_test], order[n_test:]
+    if len(rest) < num_steps * min_per_step:
+        raise CIMISError(
+            f"The dataset has {len(cases)} cases: {n_test} go to the test set and {len(rest)} remain for {num_steps} "
+            f"steps, but every step needs at least {min_per_step} cases (one to train, one to validate). Use a "
+            f"larger dataset, fewer steps or a smaller --test-fraction.")
+    subsets = [list(map(str, s)) for s in np.array_split(np.array(rest, dtype=object), num_steps)]
+    return [sorted(s) for s in subsets], sorted(map(str, test))
+
+
+def write_splits(preprocessed_folder: str, cases: Sequence[str], seed: int = 12345) -> None:
+    """nnU-Net's 5-fold split when there are at least 5 cases, else one fold holding out one case."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    cases = sorted(cases)
+    if len(cases) >= 5:
+        splits = generate_crossval_split(cases, seed=seed, n_splits=5)
+    else:
+        splits = [{"train": cases[:-1], "val": cases[-1:]}]
+    with open(os.path.join(preprocessed_folder, "splits_final.json"), "w") as f:
+        json.dump(splits, f, indent=2)
+
+
+def shrink_network(plans_file: str, configuration: str, features_per_stage: Sequence[int]) -> None:
+    """Set smaller ``features_per_stage`` in a plans file (plans are data; the trainers are untouched)."""
+    with open(plans_file) as f:
+        plans = json.load(f)
+    if configuration not in plans["configurations"]:
+        raise CIMISError(f"nnU-Net planned no {configuration!r} configuration for this dataset "
+                         f"(planned: {sorted(plans['configurations'])}).")
+    kwargs = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
+    n = kwargs["n_stages"]
+    if len(features_per_stage) < n:
+        raise CIMISError(f"--features-per-stage needs at least {n} values for this configuration "
+                         f"(it has {n} stages), got {list(features_per_stage)}.")
+    kwargs["features_per_stage"] = [int(f) for f in features_per_stage[:n]]
+    with open(plans_file, "w") as f:
+        json.dump(plans, f, indent=2)
+
+
+def plan_and_preprocess(step0_id: int, other_ids: Sequence[int], configuration: str, planner: str,
+                        plans_name: str, features_per_stage: Optional[Sequence[int]], num_processes: int) -> None:
+    """Real nnU-Net planning on step 0; plans moved to the others; all preprocessed with them."""
+    import nnunetv2
+    from batchgenerators.utilities.file_and_folder_operations import join
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
+                                                                       plan_experiment_dataset, preprocess_dataset)
+    from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import \
+        move_plans_between_datasets
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+
+    pre = require_env("nnUNet_preprocessed")
+    extract_fingerprint_dataset(step0_id, DatasetFingerprintExtractor, num_processes, False, True, False, False)
+    planner_class = recursive_find_python_class(join(nnunetv2.__path__[0], "experiment_planning"), planner,
+                                                current_module="nnunetv2.experiment_planning")
+    if planner_class is None:
+        raise CIMISError(f"Unknown nnU-Net experiment planner {planner!r}.")
+    plan_experiment_dataset(step0_id, planner_class, overwrite_plans_name=plans_name)
+    step0 = dataset_name(step0_id)
+    if features_per_stage:
+        shrink_network(os.path.join(pre, step0, plans_name + ".json"), configuration, features_per_stage)
+    for d in other_ids:
+        os.makedirs(os.path.join(pre, dataset_name(d)), exist_ok=True)
+        move_plans_between_datasets(step0_id, d, plans_name, plans_name)
+        shutil.copyfile(os.path.join(pre, step0, "dataset_fingerprint.json"),
+                        os.path.join(pre, dataset_name(d), "dataset_fingerprint.json"))
+        shutil.copyfile(os.path.join(require_env("nnUNet_raw"), dataset_name(d), "dataset.json"),
+                        os.path.join(pre, dataset_name(d), "dataset.json"))
+    for d in [step0_id] + list(other_ids):
+        preprocess_dataset(d, plans_name, [configuration], [num_processes], verbose=False, show_progress_bar=False)
+
+
+def make_scenario(source: str, scenario: str, step_ids: Sequence[int], joint_id: Optional[int] = None,
+                  test_fraction: float = 0.2, seed: int = 0, name: Optional[str] = None,
+                  configuration: str = "3d_fullres", planner: str = "ExperimentPlanner",
+                  plans_name: str = "nnUNetPlans", features_per_stage: Optional[Sequence[int]] = None,
+                  step0_trainer: str = "nnUNetTrainerFT", num_processes: int = 1, preprocess: bool = True) -> dict:
+    """Create the step datasets, the joint dataset and the test set of a scenario (see module docstring).
+
+    Returns a summary dict (dataset names, classes per step, case counts). On any error every folder it
+    created is removed again.
+    """
+    raw_root = require_env("nnUNet_raw")
+    src_name = dataset_name(source)
+    src_folder, src_json, cases = load_raw_dataset(src_name)
+    src_labels = plain_labels(src_json, src_name)
+    fg_names = [n for n, v in sorted(src_labels.items(), key=lambda kv: kv[1]) if v != 0]
+    groups = parse_scenario(scenario, fg_names)
+    if len(step_ids) != len(groups):
+        raise CIMISError(f"The scenario has {len(groups)} steps but {len(step_ids)} target dataset ids were given "
+                         f"(--ids); give one id per step.")
+    joint_id = joint_id if joint_id is not None else max(step_ids) + 1
+    all_ids = list(step_ids) + [joint_id]
+    if len(set(all_ids)) != len(all_ids):
+        raise CIMISError(f"The target dataset ids {all_ids} (steps and joint) must be distinct.")
+    for i in all_ids:
+        if not 1 <= i <= 999:
+            raise CIMISError(f"Dataset ids must be in 1..999, got {i}.")
+        taken = dataset_id_taken(i)
+        if taken:
+            raise CIMISError(f"Dataset id {i} is already used by {taken}; choose free ids.")
+    base_name = name or src_name.split("_", 1)[1]
+    names = [f"Dataset{i:03d}_{base_name}Step{t}" for t, i in enumerate(step_ids)]
+    joint_name = f"Dataset{joint_id:03d}_{base_name}Joint"
+    global_value = {c: k + 1 for k, c in enumerate(c for g in groups for c in g)}
+    classes_per_step = [[global_value[c] for c in g] for g in groups]
+    known = list(src_labels.values())
+    subsets, test_cases = split_cases(list(cases), len(groups), test_fraction, seed)
+
+    first_case = cases[sorted(cases)[0]]
+    io = SegmentationIO(src_json, first_case["images"][0])
+    for c in sorted(cases):
+        check_images_readable(io, cases[c]["images"][:1])
+
+    created: List[str] = []
+    label_values_all = {"background": 0, **{c: global_value[c] for g in groups for c in g}}
+    try:
+        step0_folder = os.path.join(raw_root, names[0])
+        test_json_path = os.path.join(step0_folder, TEST_SET_FILENAME)
+        for t, (g, subset) in enumerate(zip(groups, subsets)):
+            labels = {"background": 0, **{c: global_value[c] for gg in groups[:t + 1] for c in gg}}
+            mapping = {src_labels[c]: global_value[c] for c in g}
+            teacher = None
+            if t == 1:
+                teacher = {"dataset": names[0], "trainer": step0_trainer, "same_trainer_as_student": False}
+            elif t > 1:
+                teacher = {"dataset": names[t - 1], "trainer": None, "same_trainer_as_student": True}
+            meta = make_metadata(scenario_label(scenario, groups), t, classes_per_step, teacher, names, joint_name,
+                                 test_json_path, names[0])
+            meta["class_names_per_step"] = groups
+            meta["source_dataset"] = src_name
+            folder = os.path.join(raw_root, names[t])
+            created.append(folder)
+            write_label_dataset(folder, src_json, {c: cases[c] for c in subset}, labels, mapping, known, io,
+                                extra={METADATA_KEY: meta})
+        folder = os.path.join(raw_root, joint_name)
+        created.append(folder)
+        write_label_dataset(folder, src_json, {c: cases[c] for s in subsets for c in s}, label_values_all,
+                            {src_labels[c]: global_value[c] for c in global_value}, known, io,
+                            extra={"cimis_joint": {"scenario": scenario_label(scenario, groups),
+                                                   "step_datasets": names, "source_dataset": src_name}})
+        _write_test_set(step0_folder, src_json, {c: cases[c] for c in test_cases}, label_values_all,
+                        {src_labels[c]: global_value[c] for c in global_value}, known, io)
+        if preprocess:
+            pre = require_env("nnUNet_preprocessed")
+            created += [os.path.join(pre, n) for n in names + [joint_name]]
+            plan_and_preprocess(step_ids[0], list(step_ids[1:]) + [joint_id], configuration, planner, plans_name,
+                                features_per_stage, num_processes)
+            for n, subset in zip(names + [joint_name], subsets + [[c for s in subsets for c in s]]):
+                write_splits(os.path.join(pre, n), subset)
+    except BaseException:
+        for folder in created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return {"step_datasets": names, "joint_dataset": joint_name, "classes_per_step": groups,
+            "global_labels": label_values_all, "cases_per_step": [len(s) for s in subsets],
+            "test_cases": len(test_cases), "plans": plans_name, "configuration": configuration}
+
+
+def _write_test_set(step0_folder: str, src_json: dict, cases: Dict[str, dict], labels: Dict[str, int],
+                    mapping: Dict[int, int], known: Sequence[int], io: SegmentationIO) -> None:
+    """The held-out test set: all scenario classes, global values; images referenced, labels written."""
+    out = os.path.join(step0_folder, "test_set", "labelsTs")
+    os.makedirs(out, exist_ok=True)
+    entries = {}
+    for case, files in sorted(cases.items()):
+        seg, props = io.read(files["label"])
+        path = os.path.join(out, case + src_json["file_ending"])
+        io.write(remap(seg, mapping, known, files["label"]), path, props)
+        entries[case] = {"images": [os.path.abspath(p) for p in files["images"]], "label": path}
+    with open(os.path.join(step0_folder, TEST_SET_FILENAME), "w") as f:
+        json.dump({"file_ending": src_json["file_ending"], "labels": labels,
+                   "channel_names": src_json["channel_names"], "cases": entries}, f, indent=2)
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", "--source", required=True, help="fully labelled source dataset (id or name)")
+    p.add_argument("-s", "--scenario", required=True,
+                   help="'4-4-5' (label order), 'a,b;c,d' (class names), or a preset such as 'btcv:4-4-5'")
+    p.add_argument("--ids", type=int, nargs="+", required=True, help="target dataset id of each step")
+    p.add_argument("--joint-id", type=int, default=None, help="dataset id of the joint dataset (default: "
+                                                               "last step id + 1)")
+    p.add_argument("--name", default=None, help="base name of the new datasets (default: the source's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient split")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of cases held out for testing")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-pl", "--planner", default="ExperimentPlanner", help="nnU-Net experiment planner class")
+    p.add_argument("-p", "--plans-name", default="nnUNetPlans", help="plans identifier written and used")
+    p.add_argument("--features-per-stage", type=int, nargs="+", default=None,
+                   help="smaller network: features per encoder stage written into the plans (e.g. 8 16 32 64)")
+    p.add_argument("--step0-trainer", default="nnUNetTrainerFT",
+                   help="trainer that trains step 0 (the teacher of step 1)")
+    p.add_argument("-np", "--num-processes", type=int, default=1)
+    p.add_argument("--no-preprocess", action="store_true", help="write the raw datasets only")
+    a = p.parse_args(argv)
+    summary = make_scenario(a.source, a.scenario, a.ids, a.joint_id, a.test_fraction, a.seed, a.name,
+                            a.configuration, a.planner, a.plans_name, a.features_per_stage, a.step0_trainer,
+                            a.num_processes, not a.no_preprocess)
+    print(json.dumps(summary, indent=2))

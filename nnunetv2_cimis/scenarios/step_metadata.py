@@ -1,0 +1,126 @@
+"""The step metadata: the ``cimis`` block of a step dataset's ``dataset.json``.
+
+It records where a dataset stands in an incremental scenario: its step index, the classes learned before
+it (old) and at it (new), and which trained model is its teacher. The format is described in
+``docs/architecture.md``. :class:`StepInfo` is its validated, read-only view.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from nnunetv2_cimis.errors import CIMISError
+
+METADATA_KEY = "cimis"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    """Which model taught this step: a dataset and a trainer (or the student's own trainer)."""
+
+    dataset: str
+    trainer: Optional[str]
+    same_trainer_as_student: bool
+
+    def trainer_for(self, student_trainer: str) -> str:
+        return student_trainer if self.same_trainer_as_student or not self.trainer else self.trainer
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """The validated step metadata of a step dataset."""
+
+    scenario: str
+    index: int
+    num_steps: int
+    classes_per_step: List[List[int]]
+    old_labels: List[int]
+    new_labels: List[int]
+    label_names: Dict[int, str]
+    teacher: Optional[TeacherRef]
+    step_datasets: List[str] = field(default_factory=list)
+    joint_dataset: Optional[str] = None
+    test_set: Optional[str] = None
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def is_incremental(self) -> bool:
+        """True for steps after the first: there is a teacher and old classes."""
+        return self.index > 0
+
+    @property
+    def n_old_outputs(self) -> int:
+        """Number of teacher outputs (background + old classes)."""
+        return 1 + len(self.old_labels)
+
+
+def make_metadata(scenario: str, index: int, classes_per_step: List[List[int]], teacher: Optional[dict],
+                  step_datasets: List[str], joint_dataset: Optional[str], test_set: Optional[str],
+                  plans_source: Optional[str]) -> dict:
+    """Build the ``cimis`` block of step ``index``."""
+    old = [v for s in classes_per_step[:index] for v in s]
+    return {
+        "format_version": FORMAT_VERSION,
+        "scenario": scenario,
+        "step": index,
+        "num_steps": len(classes_per_step),
+        "classes_per_step": classes_per_step,
+        "old_labels": old,
+        "new_labels": list(classes_per_step[index]),
+        "teacher": teacher,
+        "step_datasets": step_datasets,
+        "joint_dataset": joint_dataset,
+        "test_set": test_set,
+        "plans_source": plans_source,
+    }
+
+
+def read_step_info(dataset_json: dict, dataset_name: str = "this dataset") -> StepInfo:
+    """Parse and check the ``cimis`` block of ``dataset_json``.
+
+    Raises:
+        CIMISError: if the block is missing (the dataset was not made by the package's tools: say what to
+            run) or inconsistent with the dataset's labels.
+    """
+    block = dataset_json.get(METADATA_KEY)
+    if block is None:
+        raise CIMISError(
+            f"{dataset_name} has no step metadata (no '{METADATA_KEY}' block in its dataset.json), so an incremental "
+            f"trainer does not know its old classes or its teacher. Create step datasets with "
+            f"`nnUNetv2_cimis_make_scenario` (from a fully labelled dataset) or `nnUNetv2_cimis_add_classes` (from a "
+            f"trained nnU-Net model and a dataset labelling only the new classes), then train on those.")
+    if block.get("format_version") != FORMAT_VERSION:
+        raise CIMISError(f"{dataset_name}: step metadata format {block.get('format_version')} is not supported "
+                         f"(expected {FORMAT_VERSION}); recreate the step datasets with this version of the package.")
+    labels = dataset_json.get("labels", {})
+    names = {}
+    for name, value in labels.items():
+        if isinstance(value, int):
+            names[value] = name
+        else:
+            raise CIMISError(f"{dataset_name}: label '{name}' is a region {value}; class-incremental steps need "
+                             f"plain integer labels.")
+    try:
+        index = int(block["step"])
+        classes_per_step = [[int(v) for v in s] for s in block["classes_per_step"]]
+        old = [int(v) for v in block["old_labels"]]
+        new = [int(v) for v in block["new_labels"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CIMISError(f"{dataset_name}: the step metadata is incomplete ({e!r}); recreate the step dataset.") from None
+    expected = sorted(v for s in classes_per_step[:index + 1] for v in s)
+    have = sorted(v for v in names if v != 0)
+    if expected != have:
+        raise CIMISError(f"{dataset_name}: dataset.json labels {have} do not match the classes the step metadata "
+                         f"says were learned up to step {index} ({expected}).")
+    teacher = None
+    if index > 0:
+        t = block.get("teacher") or {}
+        if not t.get("dataset"):
+            raise CIMISError(f"{dataset_name}: step {index} has no teacher recorded in its step metadata.")
+        teacher = TeacherRef(dataset=t["dataset"], trainer=t.get("trainer"),
+                             same_trainer_as_student=bool(t.get("same_trainer_as_student", False)))
+    return StepInfo(scenario=str(block.get("scenario", "")), index=index, num_steps=int(block["num_steps"]),
+                    classes_per_step=classes_per_step, old_labels=old, new_labels=new, label_names=names,
+                    teacher=teacher, step_datasets=list(block.get("step_datasets", [])),
+                    joint_dataset=block.get("joint_dataset"), test_set=block.get("test_set"), raw=block)

@@ -1,0 +1,121 @@
+"""Finding, loading and checking the teacher of an incremental step.
+
+The teacher of step t is the model trained on step t-1: ``checkpoint_final.pth`` in
+``$nnUNet_results/<teacher dataset>/<trainer>__<plans>__<configuration>/fold_<fold>/``. The trainer name
+comes from the step metadata (or is the student's own for steps >= 2); ``nnUNet_cimis_teacher`` may name a
+checkpoint explicitly. The teacher network is built by the teacher trainer's own
+``build_network_architecture`` from the plans and dataset.json stored with it, exactly as nnU-Net's
+predictor does, then frozen.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from nnunetv2_cimis.errors import CIMISError
+from nnunetv2_cimis.settings import ENV_TEACHER
+
+
+@dataclass
+class LoadedTeacher:
+    network: nn.Module
+    checkpoint_path: str
+    model_folder: str  # the <trainer>__<plans>__<configuration> folder
+    trainer_name: str
+    dataset_json: dict
+    plans: dict
+
+
+def model_folder_for(results_root: str, dataset: str, trainer: str, plans: str, configuration: str) -> str:
+    return os.path.join(results_root, dataset, f"{trainer}__{plans}__{configuration}")
+
+
+def teacher_checkpoint_path(results_root: Optional[str], dataset: str, trainer: str, plans: str,
+                            configuration: str, fold) -> str:
+    """The teacher checkpoint: ``nnUNet_cimis_teacher`` if set, else the conventional path."""
+    explicit = os.environ.get(ENV_TEACHER, "").strip()
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise CIMISError(f"{ENV_TEACHER}={explicit} does not exist. Point it at the previous step's "
+                             f"checkpoint_final.pth, or unset it to use {trainer} on {dataset}.")
+        return explicit
+    if results_root is None:
+        raise CIMISError("nnUNet_results is not set, so the teacher cannot be found. Set it as for nnU-Net.")
+    path = os.path.join(model_folder_for(results_root, dataset, trainer, plans, configuration), f"fold_{fold}",
+                        "checkpoint_final.pth")
+    if not os.path.isfile(path):
+        raise CIMISError(
+            f"The teacher checkpoint {path} does not exist. Train the previous step first "
+            f"(`nnUNetv2_train {dataset} {configuration} {fold} -tr {trainer} -p {plans}`), or set "
+            f"{ENV_TEACHER} to the checkpoint_final.pth of the model to extend.")
+    return path
+
+
+def load_teacher(checkpoint_path: str, device: torch.device) -> LoadedTeacher:
+    """Build the teacher network from the files next to its checkpoint and load its weights (frozen, eval).
+
+    Raises:
+        CIMISError: unreadable checkpoint, or its model folder lacks plans.json / dataset.json.
+    """
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    fold_folder = os.path.dirname(os.path.abspath(checkpoint_path))
+    model_folder = os.path.dirname(fold_folder)
+    try:
+        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CIMISError(f"The teacher checkpoint {checkpoint_path} cannot be read ({e}). Is it a complete "
+                         f"nnU-Net checkpoint_final.pth?") from None
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise CIMISError(f"{checkpoint_path} is not an nnU-Net checkpoint (no 'network_weights').")
+    files = {}
+    for name in ("plans.json", "dataset.json"):
+        p = os.path.join(model_folder, name)
+        if not os.path.isfile(p):
+            raise CIMISError(f"The teacher's model folder {model_folder} has no {name}; nnU-Net writes it when "
+                             f"training starts. Is {checkpoint_path} inside a trained model folder?")
+        with open(p) as f:
+            files[name] = json.load(f)
+    plans, dataset_json = files["plans.json"], files["dataset.json"]
+    trainer_name = ckpt.get("trainer_name", "nnUNetTrainer")
+    configuration = ckpt.get("init_args", {}).get("configuration")
+    plans_manager = PlansManager(plans)
+    if configuration not in plans["configurations"]:
+        raise CIMISError(f"The teacher checkpoint was trained with configuration {configuration!r}, which its "
+                         f"plans do not define.")
+    cm = plans_manager.get_configuration(configuration)
+    try:
+        trainer_class = recursive_find_trainer_class_by_name(trainer_name)
+    except RuntimeError:
+        raise CIMISError(f"The teacher was trained with {trainer_name}, which nnU-Net cannot find. Set "
+                         f"nnUNet_extTrainer as for training (see `nnUNetv2_cimis_trainer_path`).") from None
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    network = trainer_class.build_network_architecture(
+        plans_manager, cm, determine_num_input_channels(plans_manager, cm, dataset_json),
+        label_manager.num_segmentation_heads, True)
+    state = {k[7:] if k.startswith("module.") else k: v for k, v in ckpt["network_weights"].items()}
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as e:
+        raise CIMISError(f"The teacher checkpoint {checkpoint_path} does not match its own plans ({str(e)[:300]}).") from None
+    network.to(device)
+    freeze(network)
+    return LoadedTeacher(network=network, checkpoint_path=checkpoint_path, model_folder=model_folder,
+                         trainer_name=trainer_name, dataset_json=dataset_json, plans=plans)
+
+
+def freeze(network: nn.Module) -> nn.Module:
+    """Eval mode and no gradients, for good."""
+    network.eval()
+    for p in network.parameters():
+        p.requires_grad_(False)
+    # keep it in eval mode even if someone calls .train() on a parent
+    network.train = lambda mode=True: network  # type: ignore[assignment]
+    return network

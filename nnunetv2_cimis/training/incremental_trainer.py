@@ -1,0 +1,301 @@
+"""The one base of every class-incremental trainer: ``nnUNetTrainerIncremental``.
+
+Shared incremental machinery lives here once:
+
+* step metadata (``self.step``), method hyperparameters (``self.hp``), training length from the environment;
+* the teacher: found from the step metadata, built by its own trainer class, frozen; the student starts from
+  it with every deep-supervision head widened (``nnunetv2_cimis.teacher.head``);
+* feature taps on student and teacher (``student_feature_taps`` / ``teacher_feature_taps``);
+* the teacher forward pass in every training iteration, handed to :meth:`compute_loss` through ``ctx``;
+* method state in the checkpoint (``extra_checkpoint_state``), so ``--c`` resumes exactly;
+* the step memory written next to ``checkpoint_final.pth`` when the step ends.
+
+At step 0 (no teacher) the trainer behaves like ``nnUNetTrainer`` and still writes the step memory.
+Subclasses override only what their method changes; see ``docs/architecture.md``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import autocast, nn
+
+from nnunetv2.paths import nnUNet_results
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnunetv2_cimis.errors import CIMISError, exit_on_user_error
+from nnunetv2_cimis.features.taps import FeatureTaps, unwrap_network
+from nnunetv2_cimis.memory.compute import DEFAULT_PROTOTYPE_TAP, compute_step_memory
+from nnunetv2_cimis.memory.step_memory import STEP_MEMORY_FILENAME, StepMemory, carry_forward
+from nnunetv2_cimis.memory.teacher_memory import ensure_step_memory
+from nnunetv2_cimis.scenarios.step_metadata import StepInfo, read_step_info
+from nnunetv2_cimis.settings import apply_training_length, incremental_lr, resolve_hyperparameters
+from nnunetv2_cimis.teacher.head import widen_student_from_teacher
+from nnunetv2_cimis.teacher.loading import LoadedTeacher, load_teacher, teacher_checkpoint_path
+
+CHECKPOINT_KEY = "cimis_state"
+
+
+@dataclass
+class StepContext:
+    """What one training iteration hands to :meth:`nnUNetTrainerIncremental.compute_loss`.
+
+    Attributes:
+        data: the input batch ``(B, C_in, ...)`` on the training device.
+        teacher_output: the teacher's logits, a list over deep-supervision scales (highest resolution
+            first; one entry without deep supervision), or None when the method does not run the teacher.
+        teacher_features: tap name -> teacher feature (detached).
+        student_features: tap name -> student feature (with gradients).
+    """
+
+    data: torch.Tensor
+    teacher_output: Optional[List[torch.Tensor]] = None
+    teacher_features: Dict[str, torch.Tensor] = field(default_factory=dict)
+    student_features: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class _RoutedLoss(nn.Module):
+    """``self.loss`` of an incremental trainer: nnU-Net's ``train_step`` calls it as ``loss(output, target)``;
+    it routes training iterations to the trainer's ``compute_loss`` and everything else (validation) to
+    ``segmentation_loss``."""
+
+    def __init__(self, trainer: "nnUNetTrainerIncremental"):
+        super().__init__()
+        self.__dict__["_trainer"] = trainer  # not a submodule, no reference cycle through _modules
+
+    def forward(self, output, target):
+        trainer = self._trainer
+        output = output if isinstance(output, (list, tuple)) else [output]
+        target = target if isinstance(target, (list, tuple)) else [target]
+        ctx = trainer._ctx
+        if ctx is None:
+            return trainer.segmentation_loss(output, target)
+        if trainer._student_taps is not None:
+            ctx.student_features = dict(trainer._student_taps.features)
+        return trainer.compute_loss(list(output), list(target), ctx)
+
+
+class nnUNetTrainerIncremental(nnUNetTrainer):
+    """Base trainer of class-incremental steps (see module docstring). Used as is, it is fine-tuning."""
+
+    #: run the teacher on every training batch (steps > 0)
+    uses_teacher_outputs: bool = True
+    #: load the teacher's step memory into ``self.teacher_memory``
+    needs_teacher_memory: bool = False
+    #: tap name -> module path, captured on the student / the teacher at every training forward pass
+    student_feature_taps: Dict[str, str] = {}
+    teacher_feature_taps: Dict[str, str] = {}
+    #: the method's named hyperparameters; overridden by ``nnUNet_cimis_hparams``
+    default_hyperparameters: Dict[str, Any] = {}
+    #: initial learning rate of steps > 0 (nnU-Net's 1e-2 for step 0); ``nnUNet_cimis_lr`` overrides it.
+    #: 10x lower than step 0, the usual practice of MiB / PLOP, so the widened student drifts slowly.
+    incremental_initial_lr: float = 1e-3
+    #: module path of the features whose class means are saved as prototypes in the step memory
+    memory_prototype_tap: str = DEFAULT_PROTOTYPE_TAP
+    #: number of label patches kept in the step memory for mask-conditioned synthesis
+    memory_label_bank_size: int = 32
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        with exit_on_user_error():
+            self.step: StepInfo = read_step_info(dataset_json, self.plans_manager.dataset_name)
+            self.hp: Dict[str, Any] = resolve_hyperparameters(self.default_hyperparameters, self.__class__.__name__)
+            apply_training_length(self)
+            if self.step.is_incremental:
+                self.initial_lr = incremental_lr(self.incremental_initial_lr)
+        self.teacher: Optional[nn.Module] = None
+        self.teacher_info: Optional[LoadedTeacher] = None
+        self.teacher_memory: Optional[StepMemory] = None
+        self._ctx: Optional[StepContext] = None
+        self._student_taps: Optional[FeatureTaps] = None
+        self._teacher_taps: Optional[FeatureTaps] = None
+
+    # ------------------------------------------------------------------ set-up
+    def initialize(self):
+        super().initialize()
+        if self.step.is_incremental:
+            with exit_on_user_error():
+                self._set_up_teacher()
+        if self.student_feature_taps and self.step.is_incremental:
+            with exit_on_user_error():
+                self._student_taps = FeatureTaps(self.network, self.student_feature_taps)
+        self.print_to_log_file(f"Incremental step {self.step.index} of {self.step.num_steps} "
+                               f"(scenario {self.step.scenario}): old labels {self.step.old_labels}, "
+                               f"new labels {self.step.new_labels}; hyperparameters {self.hp}; "
+                               f"initial lr {self.initial_lr}")
+
+    def _set_up_teacher(self) -> None:
+        teacher_trainer = self.step.teacher.trainer_for(self.__class__.__name__)
+        ckpt = teacher_checkpoint_path(nnUNet_results.get() if nnUNet_results.is_set() else None,
+                                       self.step.teacher.dataset, teacher_trainer, self.plans_manager.plans_name,
+                                       self.configuration_name, self.fold)
+        info = load_teacher(ckpt, self.device)
+        self._check_teacher_labels(info)
+        info.network.decoder.deep_supervision = self.enable_deep_supervision
+        widen_student_from_teacher(unwrap_network(self.network), info.network, self.step.n_old_outputs)
+        self.teacher, self.teacher_info = info.network, info
+        self.print_to_log_file(f"Teacher: {ckpt} ({info.trainer_name}); student widened from "
+                               f"{self.step.n_old_outputs} to {self.label_manager.num_segmentation_heads} outputs")
+        if self.teacher_feature_taps:
+            self._teacher_taps = FeatureTaps(self.teacher, self.teacher_feature_taps, detach=True)
+        if self.needs_teacher_memory:
+            fold_folder = os.path.dirname(ckpt)
+            self.teacher_memory = ensure_step_memory(fold_folder, self.configuration_name, self.device,
+                                                     log=self.print_to_log_file)
+
+    def _check_teacher_labels(self, info: LoadedTeacher) -> None:
+        teacher_labels = info.dataset_json.get("labels", {})
+        expected = {name: v for v, name in self.step.label_names.items() if v == 0 or v in self.step.old_labels}
+        if {k: v for k, v in teacher_labels.items() if k != "ignore"} != expected:
+            raise CIMISError(
+                f"The teacher {info.checkpoint_path} knows the labels {teacher_labels}, but this step's old classes "
+                f"are {expected}. The teacher belongs to another step or dataset; check the step metadata or "
+                f"nnUNet_cimis_teacher.")
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.step.is_incremental:
+            with exit_on_user_error():
+                self._check_no_old_labels_in_masks()
+                self.on_incremental_train_start()
+
+    def _check_no_old_labels_in_masks(self) -> None:
+        """Refuse a step dataset whose masks contain old classes (from nnU-Net's stored class locations)."""
+        from batchgenerators.utilities.file_and_folder_operations import load_pickle, subfiles
+        old = set(self.step.old_labels)
+        for pkl in subfiles(self.preprocessed_dataset_folder, suffix=".pkl"):
+            locations = load_pickle(pkl).get("class_locations", {})
+            present = sorted(int(k) for k, v in locations.items() if int(k) in old and len(v) > 0)
+            if present:
+                raise CIMISError(
+                    f"The preprocessed case {os.path.basename(pkl)[:-4]} contains old classes {present}. A step "
+                    f"dataset's masks must label only the step's new classes {self.step.new_labels}; recreate it with "
+                    f"nnUNetv2_cimis_make_scenario or nnUNetv2_cimis_add_classes.")
+
+    # ------------------------------------------------------------------ hooks for methods
+    def on_incremental_train_start(self) -> None:
+        """Called once per run of a step > 0, after teacher, memory and dataloaders are ready."""
+
+    def compute_loss(self, output: List[torch.Tensor], target: List[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+        """The training loss of one iteration. Default: :meth:`segmentation_loss` (fine-tuning)."""
+        return self.segmentation_loss(output, target)
+
+    def segmentation_loss(self, output: List[torch.Tensor], target: List[torch.Tensor]) -> torch.Tensor:
+        """nnU-Net's Dice+CE, with deep supervision when enabled (lists over scales in, scalar out)."""
+        if self.enable_deep_supervision:
+            return self._segmentation_loss(output, target)
+        return self._segmentation_loss(output[0], target[0])
+
+    def extra_checkpoint_state(self) -> Dict[str, Any]:
+        """Method state kept across iterations; saved in every checkpoint."""
+        return {}
+
+    def load_extra_checkpoint_state(self, state: Dict[str, Any]) -> None:
+        """Restore what :meth:`extra_checkpoint_state` returned."""
+
+    def extend_step_memory(self, memory: StepMemory) -> None:
+        """Add method-specific content to the step memory before it is written."""
+
+    # ------------------------------------------------------------------ nnU-Net hooks
+    def _build_loss(self):
+        self._segmentation_loss = super()._build_loss()
+        return _RoutedLoss(self)
+
+    def train_step(self, batch: dict) -> dict:
+        if not self.step.is_incremental:
+            return super().train_step(batch)
+        data = batch["data"].to(self.device, non_blocking=True)
+        ctx = StepContext(data=data)
+        if self.uses_teacher_outputs:
+            with torch.no_grad():
+                with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+                    t_out = self.teacher(data)
+            ctx.teacher_output = list(t_out) if isinstance(t_out, (list, tuple)) else [t_out]
+            if self._teacher_taps is not None:
+                ctx.teacher_features = dict(self._teacher_taps.features)
+        self._ctx = ctx
+        try:
+            return super().train_step(dict(batch, data=data))
+        finally:
+            self._ctx = None
+            for taps in (self._student_taps, self._teacher_taps):
+                if taps is not None:
+                    taps.clear()
+
+    def validation_step(self, batch: dict) -> dict:
+        try:
+            return super().validation_step(batch)
+        finally:
+            if self._student_taps is not None:
+                self._student_taps.clear()
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        if self.local_rank == 0 and not self.disable_checkpointing and os.path.isfile(filename):
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+            checkpoint[CHECKPOINT_KEY] = {"step": self.step.index, "hyperparameters": self.hp,
+                                          "method": self.extra_checkpoint_state()}
+            tmp = filename + ".tmp"
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is not None:
+            if state.get("hyperparameters") != self.hp:
+                self.print_to_log_file(f"WARNING: the checkpoint was trained with hyperparameters "
+                                       f"{state.get('hyperparameters')}, now {self.hp}. Using the current ones.")
+            self.load_extra_checkpoint_state(state.get("method", {}))
+
+    def on_train_end(self):
+        super().on_train_end()
+        if self.local_rank == 0:
+            with exit_on_user_error():
+                self.write_step_memory()
+
+    def write_step_memory(self) -> str:
+        """Compute this step's memory from its training cases and save it next to the checkpoint."""
+        tr_keys, _ = self.do_split()
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, tr_keys)
+        labels = {v: n for v, n in self.step.label_names.items()}
+        memory = compute_step_memory(unwrap_network(self.network), dataset, tr_keys,
+                                     self.configuration_manager.patch_size, labels, self.device,
+                                     prototype_tap=self.memory_prototype_tap,
+                                     bank_size=self.memory_label_bank_size)
+        old_memory = self.teacher_memory
+        if old_memory is None and self.teacher_info is not None:
+            path = os.path.join(os.path.dirname(self.teacher_info.checkpoint_path), STEP_MEMORY_FILENAME)
+            if os.path.isfile(path):
+                old_memory = StepMemory.load(path)
+        memory = carry_forward(memory, old_memory, self.step.old_labels)
+        self.extend_step_memory(memory)
+        path = os.path.join(self.output_folder, STEP_MEMORY_FILENAME)
+        memory.save(path)
+        self.print_to_log_file(f"Step memory written to {path}")
+        return path
+
+
+class nnUNetTrainerFT(nnUNetTrainerIncremental):
+    """Fine-tuning, the lower bound: the widened student trained with nnU-Net's Dice+CE on the step's data
+    only (no teacher term). At step 0 it is plain nnU-Net training plus the step memory."""
+
+    uses_teacher_outputs = False
+
+
+class nnUNetTrainerJoint(nnUNetTrainer):
+    """The joint upper bound: plain ``nnUNetTrainer`` on the joint dataset (all training cases of every step,
+    all labels), with the package's training length settings so it can be compared at equal budget."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        with exit_on_user_error():
+            apply_training_length(self)

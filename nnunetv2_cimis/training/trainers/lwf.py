@@ -1,0 +1,48 @@
+"""LwF trainer: fine-tuning plus output distillation from the teacher (Li & Hoiem 2016; MiB's protocol).
+
+Loss of a step t > 0, over nnU-Net's deep-supervision outputs (highest resolution first, weights
+``1/2^i``, coarsest 0, normalised; see :mod:`nnunetv2_cimis.losses.deep_supervision`):
+
+    L = sum_s w_s DiceCE(z_s, y_s) + kd_weight * sum_s w_s LwF(z_s, z_s^teacher)
+
+The teacher runs with deep supervision on, so every student scale is distilled from the teacher's output at
+the same scale. DiceCE is nnU-Net's own loss (the background shift is *not* handled: that is what MiB and
+PLOP add). At step 0 the trainer is plain nnU-Net training.
+
+Hyperparameters (``nnUNet_cimis_hparams``):
+
+==============  =======  ==================================================================================
+name            default  status
+==============  =======  ==================================================================================
+kd_weight       100.0    [known] MiB's code, ``--method LWF`` (``loss_kd = 100``) with the per-class mean
+kd_alpha        1.0      [known] MiB's default ``--alpha`` (factor on the teacher logits)
+==============  =======  ==================================================================================
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from nnunetv2_cimis.losses.deep_supervision import apply_over_scales, deep_supervision_weights
+from nnunetv2_cimis.losses.lwf import LwFDistillationLoss
+from nnunetv2_cimis.training.incremental_trainer import StepContext, nnUNetTrainerIncremental
+
+
+class nnUNetTrainerLwF(nnUNetTrainerIncremental):
+    """Learning without Forgetting: nnU-Net's Dice+CE + ``kd_weight`` x LwF distillation at every DS scale."""
+
+    default_hyperparameters = {"kd_weight": 100.0, "kd_alpha": 1.0}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.output_distillation = LwFDistillationLoss(alpha=self.hp["kd_alpha"])
+
+    def distillation_loss(self, output: List[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+        """LwF term over the deep-supervision scales (unweighted by ``kd_weight``)."""
+        return apply_over_scales(self.output_distillation, deep_supervision_weights(len(output)),
+                                 output, ctx.teacher_output)
+
+    def compute_loss(self, output: List[torch.Tensor], target: List[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+        return self.segmentation_loss(output, target) + self.hp["kd_weight"] * self.distillation_loss(output, ctx)
