@@ -68,8 +68,17 @@ def main(argv=None) -> None:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         per_volume_100 = dt / b * 100 / args.iterations
-        print(f"batch {b}: {dt / args.iterations:.3f} s per iteration, {per_volume_100:.1f} s per volume per "
-              f"100 iterations ({per_volume_100 * 20 / 60:.1f} min per volume at 2000 iterations)")
+        # reference: the bare forward + backward to the input, without the inversion's losses
+        x = torch.randn((b, 1, *args.patch), device=device, requires_grad=True)
+        t0 = time.perf_counter()
+        for _ in range(args.iterations):
+            torch.autograd.grad(net(x)[0].sum(), x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        bare = (time.perf_counter() - t0) / args.iterations
+        print(f"batch {b}: {dt / args.iterations:.3f} s per iteration (bare forward+backward {bare:.3f} s), "
+              f"{per_volume_100:.1f} s per volume per 100 iterations "
+              f"({per_volume_100 * 20 / 60:.1f} min per volume at 2000 iterations)")
 
 
 if __name__ == "__main__":

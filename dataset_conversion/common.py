@@ -282,6 +282,13 @@ class RawDatasetWriter:
             hint = " (pass --overwrite to replace it)" if taken == [self.folder_name] else ""
             raise CIMISError(f"dataset id {dataset_id} is already taken in {self.raw}: {', '.join(taken)}; "
                              f"choose another --output-id{hint}")
+        for var in ("nnUNet_preprocessed", "nnUNet_results"):  # nnU-Net finds datasets by id in all three
+            other = os.environ.get(var)
+            clash = sorted(p.name for p in Path(other).glob(f"Dataset{dataset_id:03d}_*")
+                           if p.name != self.folder_name) if other and Path(other).is_dir() else []
+            if clash:
+                raise CIMISError(f"dataset id {dataset_id} is already used in ${var}: {', '.join(clash)}; "
+                                 f"choose another --output-id")
         self.tmp: Optional[Path] = None
         self.num_training = 0
         self.num_test = 0
@@ -451,7 +458,8 @@ def report(path: Path, writer: RawDatasetWriter) -> None:
 
 def convert_paired_folders(*, dataset: str, label_map_name: str, root: Path, output_id: int, name: str,
                            overwrite: bool, train: Tuple[str, str, str, str], test: Optional[Tuple[str, str]] = None,
-                           identifier: Callable[[str], str] = lambda s: s, labelled_test: Optional[Tuple[str, str, str, str]] = None,
+                           identifier: Callable[[str], str] = lambda s: s,
+                           labelled_test: Optional[Tuple[str, str, str, str]] = None,
                            extra_train: Sequence[Tuple[str, str, str, str]] = (),
                            keep: Callable[[str], bool] = lambda s: True,
                            channel_names: Optional[Mapping] = None, **dataset_json_extra) -> Path:

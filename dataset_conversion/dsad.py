@@ -64,6 +64,18 @@ def read_mask(path: Path, shape) -> np.ndarray:
     return m > 0
 
 
+def check_rgb(path: Path) -> None:
+    """DSAD frames are RGB; anything else would not match the dataset's three channels (CIMISError)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+    except Exception as e:
+        raise CIMISError(f"cannot read {path}: {e}") from None
+    if mode != "RGB":
+        raise CIMISError(f"image {path} has PIL mode {mode!r}; DSAD frames are RGB")
+
+
 def merge_masks(masks: Dict[int, np.ndarray], num_structures: int, ignore_value: int,
                 overlap: str = "ignore", unannotated: str = "ignore") -> np.ndarray:
     """Merge binary masks (label value -> bool (H, W)) of the structures annotated in one frame into a label map.
@@ -170,6 +182,7 @@ def convert(input_folder, output_id: int, name: str = DATASET, overwrite: bool =
                           allowed_values=list(plain.values()) + [ignore_value], overwrite=overwrite,
                           files_per_case=1) as w:
         for identifier, image, mask_files in cases:
+            check_rgb(image)
             grid = read_grid(image)
             masks = {v: read_mask(p, grid.shape[::-1]) for v, p in mask_files.items()}
             label = merge_masks(masks, len(known), ignore_value, overlap, unannotated)

@@ -15,6 +15,7 @@ same for training length, learning rate and method hyperparameters:
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Dict, Mapping
 
@@ -36,7 +37,7 @@ def _positive(name: str, cast):
         value = cast(raw)
     except ValueError:
         raise CIMISError(f"{name}={raw!r} is not a valid {cast.__name__}; unset it or give a positive number") from None
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise CIMISError(f"{name}={raw!r} must be positive")
     return value
 
@@ -93,7 +94,11 @@ def resolve_hyperparameters(defaults: Mapping[str, Any], trainer_name: str) -> D
         default = defaults[k]
         if isinstance(default, bool) and not isinstance(v, bool):
             raise CIMISError(f"hyperparameter {k} of {trainer_name} must be true/false, got {v!r}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(v, (int, float)):
-            raise CIMISError(f"hyperparameter {k} of {trainer_name} must be a number, got {v!r}")
-        hp[k] = type(default)(v) if isinstance(default, float) else v
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise CIMISError(f"hyperparameter {k} of {trainer_name} must be a number, got {v!r}")
+            if isinstance(default, int) and not float(v).is_integer():
+                raise CIMISError(f"hyperparameter {k} of {trainer_name} must be an integer, got {v!r}")
+            v = type(default)(v)
+        hp[k] = v
     return hp

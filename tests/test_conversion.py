@@ -125,6 +125,8 @@ def raw(tmp_path, monkeypatch):
     r = tmp_path / "nnUNet_raw"
     r.mkdir()
     monkeypatch.setenv("nnUNet_raw", str(r))
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)  # the id check looks there too
+    monkeypatch.delenv("nnUNet_results", raising=False)
     return r
 
 
@@ -313,6 +315,15 @@ def test_failed_overwrite_keeps_the_old_dataset(tmp_path, raw):
     assert len(os.listdir(raw / "Dataset501_BTCV" / "labelsTr")) == 2
 
 
+def test_id_taken_in_preprocessed(tmp_path, raw, monkeypatch):
+    (tmp_path / "pre" / "Dataset501_Other").mkdir(parents=True)
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    fab_btcv(tmp_path / "dl")
+    with pytest.raises(CIMISError, match=r"already used in \$nnUNet_preprocessed: Dataset501_Other"):
+        btcv.convert(tmp_path / "dl", 501)
+    assert os.listdir(raw) == []
+
+
 def test_bad_output_id(tmp_path, raw):
     fab_btcv(tmp_path / "dl")
     with pytest.raises(CIMISError, match="1..999"):
@@ -486,7 +497,7 @@ def test_dsad_merge_masks_unit():
 
 
 @pytest.mark.parametrize("case", ["mask_without_image", "bad_value", "bad_size", "unknown_structure",
-                                  "image_without_mask"])
+                                  "image_without_mask", "grey_image"])
 def test_dsad_bad_input(case, tmp_path, raw):
     fab_dsad(tmp_path / "dl")
     ml = tmp_path / "dl/multilabel/01"
@@ -502,9 +513,12 @@ def test_dsad_bad_input(case, tmp_path, raw):
     elif case == "unknown_structure":
         png(ml / "mask00_uterus.png", np.zeros((H, W), np.uint8))
         match = r"mask00_uterus.png names an unknown structure"
-    else:
+    elif case == "image_without_mask":
         png(ml / "image05.png", rgb(5))
         match = r"image05.png has no mask"
+    else:
+        png(ml / "image01.png", rgb(1)[..., 0])
+        match = r"image01.png has PIL mode 'L'"
     with pytest.raises(CIMISError, match=match):
         dsad.convert(tmp_path / "dl", 523)
     assert os.listdir(raw) == []
@@ -519,10 +533,28 @@ def test_dsad_missing_layout(tmp_path, raw):
 
 
 # ----------------------------------------------------------------------------------------------- nnU-Net check
-def test_nnunet_verify_dataset_integrity(tmp_path, raw):
+class _InProcessPool:
+    """Stands in for the spawn pool of verify_dataset_integrity (same checks, no process start-up)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def starmap(self, fn, iterable):
+        return [fn(*a) for a in iterable]
+
+
+def test_nnunet_verify_dataset_integrity(tmp_path, raw, monkeypatch):
     """nnU-Net's own check (what --verify_dataset_integrity runs) passes on converted miniatures: 3D CT with
     imagesTs, KiTS23 regions, MSD multi-channel and the DSAD 2D PNG dataset with its ignore label."""
+    import nnunetv2.experiment_planning.verify_dataset_integrity as vdi
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    monkeypatch.setattr(vdi.multiprocessing, "get_context", lambda *a: type("Ctx", (), {"Pool": _InProcessPool}))
     fab_btcv(tmp_path / "btcv")
     fab_kits23(tmp_path / "kits23")
     task, _ = fab_msd_prostate(tmp_path / "msd")
@@ -531,3 +563,7 @@ def test_nnunet_verify_dataset_integrity(tmp_path, raw):
             dsad.convert(tmp_path / "dsad", 533)]
     for out in outs:
         verify_dataset_integrity(str(out), num_processes=1)  # raises on any problem
+    # and it does fail on a broken dataset (the check above can fail)
+    write_nifti(outs[0] / "labelsTr" / "BTCV_0001.nii.gz", np.full(SHAPE_ZYX, 14, np.uint8))
+    with pytest.raises(RuntimeError):
+        verify_dataset_integrity(str(outs[0]), num_processes=1)

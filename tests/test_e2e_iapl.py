@@ -1,7 +1,8 @@
-"""End-to-end: nnUNetv2_plan_and_preprocess -> nnUNetv2_train -tr nnUNetTrainerIAPL -> nnUNetv2_predict.
+"""End-to-end: nnUNetv2_plan_and_preprocess -> nnUNetv2_train -tr nnUNetTrainerIAPL -> nnUNetv2_predict,
+for the 3d_fullres and the 2d configuration.
 
 Tiny data (4 cases of 32^3, two foreground classes), a tiny plans copy (features 8..64), 1 epoch of 2
-iterations, all in a temporary folder. Runs the real nnU-Net commands in subprocesses (about a minute on 2
+iterations, all in a temporary folder. Runs the real nnU-Net commands in subprocesses (2-4 minutes on 2
 CPU cores).
 """
 from __future__ import annotations
@@ -96,24 +97,25 @@ def test_plan_train_predict_iapl(tmp_path):
     })
     env.pop("nnUNet_cimis_hparams", None)
     plan_env = dict(env, nnUNet_n_proc_DA="1")  # planning calls torch.set_num_threads(n_proc_DA): 0 fails
-    _run([_bin("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1",
+    _run([_bin("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres", "2d", "-np", "1",
           "--verify_dataset_integrity"], plan_env, tmp_path)
     _tiny_plans(pre)
-    out = _run([_bin("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerIAPL",
-                "-p", PLANS, "-device", "cpu"], env, tmp_path)
-    model = res / DATASET_NAME / f"nnUNetTrainerIAPL__{PLANS}__3d_fullres"
-    assert (model / "fold_0" / "checkpoint_final.pth").is_file(), out.stdout[-2000:]
-    log = "".join(p.read_text() for p in (model / "fold_0").glob("training_log_*.txt"))
-    assert "purity threshold: 0.100" in log  # 1 epoch: progress 0 -> start of the ramp
-    summary = json.loads((model / "fold_0" / "validation" / "summary.json").read_text())
-    assert "foreground_mean" in summary
-
-    pred = tmp_path / "pred"
-    _run([_bin("nnUNetv2_predict"), "-i", str(raw / DATASET_NAME / "imagesTs"), "-o", str(pred), "-d",
-          str(DATASET_ID), "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerIAPL", "-p", PLANS,
-          "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env, tmp_path)
     import SimpleITK as sitk
 
-    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / "test004.nii.gz")))
-    assert seg.shape == (32, 32, 32)
-    assert set(np.unique(seg)) <= {0, 1, 2}
+    for configuration in ("3d_fullres", "2d"):
+        out = _run([_bin("nnUNetv2_train"), str(DATASET_ID), configuration, "0", "-tr", "nnUNetTrainerIAPL",
+                    "-p", PLANS, "-device", "cpu"], env, tmp_path)
+        model = res / DATASET_NAME / f"nnUNetTrainerIAPL__{PLANS}__{configuration}"
+        assert (model / "fold_0" / "checkpoint_final.pth").is_file(), out.stdout[-2000:]
+        log = "".join(p.read_text() for p in (model / "fold_0").glob("training_log_*.txt"))
+        assert "purity threshold: 0.100" in log  # 1 epoch: progress 0 -> start of the ramp
+        summary = json.loads((model / "fold_0" / "validation" / "summary.json").read_text())
+        assert "foreground_mean" in summary
+
+        pred = tmp_path / f"pred_{configuration}"
+        _run([_bin("nnUNetv2_predict"), "-i", str(raw / DATASET_NAME / "imagesTs"), "-o", str(pred), "-d",
+              str(DATASET_ID), "-c", configuration, "-f", "0", "-tr", "nnUNetTrainerIAPL", "-p", PLANS,
+              "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env, tmp_path)
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / "test004.nii.gz")))
+        assert seg.shape == (32, 32, 32)
+        assert set(np.unique(seg)) <= {0, 1, 2}

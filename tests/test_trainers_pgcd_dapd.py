@@ -5,8 +5,10 @@ step memory, without nnU-Net's data pipeline; the end-to-end test at the bottom 
 the tiny phantom scenario of ``tests/e2e_utils.py``.
 """
 import math
+import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,3 +150,52 @@ def test_feature_channel_mismatch_is_a_clear_error():
     _, out, target, ctx = _iteration(trainer)
     with pytest.raises(SystemExit, match="channels"):
         trainer.compute_loss(list(out), target, ctx)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def _terms_from_log(folder):
+    import glob
+    import re
+    logs = sorted(glob.glob(os.path.join(folder, "training_log_*.txt")))
+    assert logs, f"no training log in {folder}"
+    with open(logs[-1]) as f:
+        text = f.read()
+    lines = [ln for ln in text.splitlines() if "PGCD/DAPD mean terms this epoch" in ln]
+    assert lines, text[-2000:]
+    return {k: float(v) for k, v in re.findall(r"(\w+) (-?[\d.]+(?:e-?\d+)?|nan|inf)", lines[-1].split(": ", 1)[1])}
+
+
+@pytest.mark.e2e
+def test_e2e_full_method_trains_step1_and_resumes_background_prototype(tiny_scenario):
+    from e2e_utils import build_trainer, model_folder, train
+    env, ds1 = tiny_scenario["env"], tiny_scenario["step_datasets"][1]
+    train(ds1, "nnUNetTrainerPGCDDAPD", env)
+    folder = model_folder(env, ds1, "nnUNetTrainerPGCDDAPD")
+    terms = _terms_from_log(folder)
+    assert set(terms) == {"segmentation", "pgcd", "dapd"}
+    assert all(math.isfinite(v) for v in terms.values()), terms
+    ckpt = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    saved = ckpt["cimis_state"]["method"]["background_prototype"]
+    assert saved["value"] is not None and saved["num_updates"] == 2  # two training iterations
+    assert torch.isfinite(saved["value"]).all()
+    memory = StepMemory.load(os.path.join(folder, "step_memory.pth"))
+    assert memory.prototype_tap == "decoder.stages.-2"
+    assert torch.equal(memory.extra["pgcd_dapd_background_prototype"], saved["value"])
+    # --c: the checkpoint restores the EMA background prototype exactly
+    trainer = build_trainer(ds1, nnUNetTrainerPGCDDAPD, continue_training=True)
+    trainer.load_checkpoint(os.path.join(folder, "checkpoint_final.pth"))
+    assert torch.equal(trainer.background_prototype.value, saved["value"])
+    assert trainer.background_prototype.num_updates == 2
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("trainer_class", [nnUNetTrainerPGCD, nnUNetTrainerDAPD])
+def test_e2e_variants_take_finite_train_steps(tiny_scenario, trainer_class):
+    from e2e_utils import build_trainer
+    trainer = build_trainer(tiny_scenario["step_datasets"][1], trainer_class)
+    trainer.on_train_start()
+    losses = [trainer.train_step(next(trainer.dataloader_train))["loss"] for _ in range(2)]
+    assert all(np.isfinite(float(v)) for v in losses), losses
+    assert trainer.background_prototype.num_updates == 2
+    expected = {"segmentation", "pgcd"} | ({"dapd"} if trainer_class is nnUNetTrainerDAPD else set())
+    assert set(trainer._term_sums) == expected

@@ -8,6 +8,7 @@ teacher.
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, Mapping
 
 import torch
@@ -20,7 +21,7 @@ def unwrap_network(network: nn.Module) -> nn.Module:
     """Return the plain module behind DistributedDataParallel and torch.compile wrappers."""
     mod = network
     while True:
-        if hasattr(mod, "module") and isinstance(mod, nn.parallel.DistributedDataParallel):
+        if isinstance(mod, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             mod = mod.module
         elif hasattr(mod, "_orig_mod"):
             mod = mod._orig_mod
@@ -35,7 +36,7 @@ def resolve_module(network: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
         walked.append(part)
         try:
-            if part.lstrip("-").isdigit():
+            if re.fullmatch(r"-?\d+", part):
                 children = list(mod.children()) if not isinstance(mod, (nn.ModuleList, nn.Sequential)) else mod
                 mod = children[int(part)]
             else:

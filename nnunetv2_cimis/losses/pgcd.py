@@ -63,10 +63,10 @@ def _check_prototypes(prototypes: torch.Tensor, valid: Optional[torch.Tensor], n
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
+    """Nearest-neighbour resize (each feature voxel's weight covers the logits voxels it sits on)."""
     if tuple(x.shape[2:]) == tuple(size):
         return x
-    mode = "bilinear" if x.ndim == 4 else "trilinear"
-    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
+    return F.interpolate(x, size=tuple(size), mode="nearest")
 
 
 class PrototypeGuidedCalibrationDistillation(nn.Module):
@@ -82,7 +82,7 @@ class PrototypeGuidedCalibrationDistillation(nn.Module):
         student_logits: ``(B, C_total, X, Y[, Z])``, channels ``[bg, old..., new...]``.
         teacher_logits: ``(B, n_old, X, Y[, Z])``, ``n_old <= C_total``, same batch and spatial size.
         weights: ``(B, n_old, x, y[, z])`` from :meth:`calibration_weights`, at any spatial size (resized
-            linearly to the logits' size) or ``None`` for uniform weights.
+            to the logits' size by nearest neighbour) or ``None`` for uniform weights.
 
     Raises:
         ValueError: unknown weighting, temperature <= 0, bad shapes (the message shows them).
@@ -145,12 +145,14 @@ class PrototypeGuidedCalibrationDistillation(nn.Module):
                 raise ValueError(f"weights {tuple(weights.shape)} must be (B, n_old, ...) = "
                                  f"{tuple(teacher_logits.shape[:2])} + spatial; compute them with calibration_weights")
             weights = _resize(weights.float(), student_logits.shape[2:])
+        with torch.no_grad():  # the teacher's side is constant: no graph for it
+            log_q = torch.log_softmax(teacher_logits.float(), dim=1)
+            weighted_q = log_q.exp()
+            if weights is not None:
+                weighted_q = weighted_q * weights
+            teacher_term = (weighted_q * log_q).sum(dim=1)  # B, ...
         log_p = merge_new_into_background(student_logits.float(), n_old)
-        log_q = torch.log_softmax(teacher_logits.detach().float(), dim=1)
-        kl = log_q.exp() * (log_q - log_p)  # B, n_old, ...
-        if weights is not None:
-            kl = kl * weights.detach()
-        return kl.sum(dim=1).mean() / n_old
+        return (teacher_term - (weighted_q * log_p).sum(dim=1)).mean() / n_old
 
 
 class PrototypeChannelFeatureDistillation(nn.Module):

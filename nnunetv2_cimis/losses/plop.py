@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_cimis.losses.common import check_logits, check_same_spatial, labels_to_index
+from nnunetv2_cimis.losses.common import check_logits, labels_to_index
 from nnunetv2_cimis.losses.deep_supervision import apply_over_scales, deep_supervision_weights
 from nnunetv2_cimis.losses.mib import soft_dice_loss
 
@@ -178,8 +178,10 @@ class LocalPOD(nn.Module):
                              f"same shape (for logits, sum the student's new channels into background first)")
         a = self.embedding_parts(student.float())
         b = self.embedding_parts(teacher.detach().float())
-        sq = sum(((pa - pb) ** 2).flatten(1).sum(1) for pa, pb in zip(a, b))
-        return torch.sqrt(sq).mean()
+        diff = torch.cat([(pa - pb).flatten(1) for pa, pb in zip(a, b)], dim=1)
+        # vector_norm has a zero (sub)gradient at 0; sqrt(sum of squares) would give NaN gradients when the
+        # student equals the teacher, which is exactly the case at the first iteration of a step
+        return torch.linalg.vector_norm(diff, ord=2, dim=1).mean()
 
     def extra_repr(self) -> str:
         return f"scales={self.scales}, extent={self.extent}, square={self.square}"

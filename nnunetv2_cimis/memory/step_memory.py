@@ -78,8 +78,13 @@ class StepMemory:
             "extra": self.extra,
         }
         tmp = path + ".tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     @classmethod
     def load(cls, path: str) -> "StepMemory":
@@ -97,10 +102,14 @@ class StepMemory:
         if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:
             raise CIMISError(f"{path} is not a step memory of format {FORMAT_VERSION}. Recompute it with "
                              f"`nnUNetv2_cimis_step_memory`.")
-        return cls(labels={int(k): v for k, v in d["labels"].items()}, prototype_tap=d["prototype_tap"],
-                   prototypes=d["prototypes"], prototype_counts=d["prototype_counts"],
-                   norm_stats=d["norm_stats"], label_bank=d["label_bank"], patch_size=d["patch_size"],
-                   extra=d.get("extra", {}))
+        try:
+            return cls(labels={int(k): v for k, v in d["labels"].items()}, prototype_tap=d["prototype_tap"],
+                       prototypes=d["prototypes"], prototype_counts=d["prototype_counts"],
+                       norm_stats=d["norm_stats"], label_bank=d["label_bank"], patch_size=d["patch_size"],
+                       extra=d.get("extra", {}))
+        except (KeyError, ValueError) as e:
+            raise CIMISError(f"{path} is an incomplete step memory ({e!r}). Recompute it with "
+                             f"`nnUNetv2_cimis_step_memory`.") from None
 
 
 def carry_forward(new: StepMemory, old: Optional[StepMemory], old_labels) -> StepMemory:

@@ -42,7 +42,7 @@ flattened voxels.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -103,14 +103,16 @@ def kmeans_update(values: torch.Tensor, assignment: torch.Tensor, num_queries: i
             or values.shape[2] != assignment.shape[1]:
         raise ValueError(f"values must be (B, D, N) and assignment (B, N) with the same B and N, got "
                          f"{tuple(values.shape)} and {tuple(assignment.shape)}")
-    one_hot = F.one_hot(assignment.long(), num_queries).to(values.dtype)  # B, N, L
-    if keep is not None:
-        if keep.shape != (values.shape[0], num_queries):
-            raise ValueError(f"keep must be (B, L) = ({values.shape[0]}, {num_queries}), got {tuple(keep.shape)}")
-        one_hot = one_hot * keep[:, None, :].to(values.dtype)
-    counts = one_hot.sum(1)  # B, L
-    sums = torch.einsum("bnl,bdn->bld", one_hot, values)
-    return sums / counts.clamp_min(1.0)[..., None], counts
+    if keep is not None and keep.shape != (values.shape[0], num_queries):
+        raise ValueError(f"keep must be (B, L) = ({values.shape[0]}, {num_queries}), got {tuple(keep.shape)}")
+    # float32 without autocast: counts and sums over many voxels overflow float16
+    with torch.autocast(device_type=values.device.type, enabled=False):
+        one_hot = F.one_hot(assignment.long(), num_queries).float()  # B, N, L
+        if keep is not None:
+            one_hot = one_hot * keep[:, None, :].float()
+        counts = one_hot.sum(1)  # B, L
+        sums = torch.einsum("bnl,bdn->bld", one_hot, values.float())
+        return sums / counts.clamp_min(1.0)[..., None], counts
 
 
 def confidence_weights(probabilities: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -147,8 +149,9 @@ def confidence_weighted_pooling(features: torch.Tensor, probabilities: torch.Ten
             or features.shape[2:] != probabilities.shape[2:]:
         raise ValueError(f"features {tuple(features.shape)} and probabilities {tuple(probabilities.shape)} "
                          f"must have the same batch and spatial sizes; resize the probabilities first")
-    w = confidence_weights(probabilities, eps)
-    return torch.einsum("bkn,bcn->bkc", w, features.flatten(2).to(w.dtype))
+    with torch.autocast(device_type=features.device.type, enabled=False):  # weights ~1/N: keep float32
+        w = confidence_weights(probabilities.float(), eps)
+        return torch.einsum("bkn,bcn->bkc", w, features.flatten(2).float())
 
 
 def purity_threshold(progress: float, start: float, end: float, ramp_fraction: float) -> float:
@@ -187,9 +190,10 @@ class QueryPredictor(nn.Module):
                  norm_op, norm_op_kwargs: Optional[dict]):
         super().__init__()
         kwargs = dict(norm_op_kwargs or {})
+        # choice: 1x1 convolutions where kMaX-DeepLab has a 5x5 depthwise one (3D depthwise convolutions are
+        # slow, above all on CPU); the decoder's 3x3 convolutions already give spatial context
         self.pixel_head = nn.Sequential(
-            conv_op(pixel_channels, pixel_channels, kernel_size=3, stride=1, padding=1, groups=pixel_channels,
-                    bias=False),
+            _conv1x1(conv_op, pixel_channels, pixel_channels, bias=False),
             norm_op(pixel_channels, **kwargs), nn.GELU(),
             _conv1x1(conv_op, pixel_channels, embed_dim),
         )
@@ -256,7 +260,7 @@ class KMeansTransformerLayer(nn.Module):
                 keep = purity >= threshold
         values = self.pixel_value(space).flatten(2)
         update, _ = kmeans_update(values, assignment, num_queries, keep)
-        queries = queries + self.update_proj(self.update_norm(update))
+        queries = queries + self.update_proj(self.update_norm(update.to(queries.dtype)))
         q = self.attn_norm(queries)
         queries = queries + self.self_attention(q, q, q, need_weights=False)[0]
         queries = queries + self.ffn(self.ffn_norm(queries))

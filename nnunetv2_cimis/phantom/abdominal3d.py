@@ -8,11 +8,11 @@ sizes:
 label          HU (mean)  shape and place
 =============  =========  ==========================================================
 liver          60         two deformed ellipsoids (right lobe, left lobe), right, upper
+stomach        15 / -800  fluid-filled deformed ellipsoid with an anterior air cap, left, anterior
 spleen         45         rotated deformed ellipsoid, left, posterior, upper
+aorta          150        contrast-filled tube along the cranio-caudal axis, left of the spine
 kidney_right   30         ellipsoid, right paravertebral, slightly lower than the left
 kidney_left    30         ellipsoid, left paravertebral
-aorta          150        contrast-filled tube along the cranio-caudal axis, left of the spine
-stomach        15 / -800  fluid-filled deformed ellipsoid with an anterior air cap, left, anterior
 pancreas       40         thin rotated ellipsoid across the midline
 gallbladder    10         small ellipsoid under the liver, right, anterior
 =============  =========  ==========================================================
@@ -40,7 +40,12 @@ import numpy as np
 from nnunetv2_cimis.errors import CIMISError
 
 #: Label names in label-value order (value = position + 1 when all organs are used).
-ORGANS: Tuple[str, ...] = ("liver", "spleen", "kidney_right", "kidney_left", "aorta", "stomach",
+#: The stomach comes second on purpose: nnU-Net's CT normalisation clips intensities to the 0.5-99.5
+#: percentiles of the labelled voxels of the dataset it plans on, and a scenario plans once on step 0. With
+#: the stomach's air cap among the first classes, that window spans air to soft tissue, so classes added
+#: later (kidneys at 30 HU, gallbladder at 10 HU) stay distinct from fat; with liver and spleen alone it
+#: would be about [25, 85] HU and fat, gallbladder and kidneys would be clipped alike.
+ORGANS: Tuple[str, ...] = ("liver", "stomach", "spleen", "aorta", "kidney_right", "kidney_left",
                            "pancreas", "gallbladder")
 
 #: Priority used to resolve overlaps, highest first.

@@ -93,7 +93,14 @@ def plan_and_preprocess(step0_id: int, other_ids: Sequence[int], configuration: 
                                                 current_module="nnunetv2.experiment_planning")
     if planner_class is None:
         raise CIMISError(f"Unknown nnU-Net experiment planner {planner!r}.")
-    plan_experiment_dataset(step0_id, planner_class, overwrite_plans_name=plans_name)
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for the value 0 that is
+    # the right choice for CPU training: plan with the variable unset
+    saved = os.environ.pop("nnUNet_n_proc_DA", None) if os.environ.get("nnUNet_n_proc_DA") == "0" else None
+    try:
+        plan_experiment_dataset(step0_id, planner_class, overwrite_plans_name=plans_name)
+    finally:
+        if saved is not None:
+            os.environ["nnUNet_n_proc_DA"] = saved
     step0 = dataset_name(step0_id)
     if features_per_stage:
         shrink_network(os.path.join(pre, step0, plans_name + ".json"), configuration, features_per_stage)

@@ -22,6 +22,7 @@ class TeacherRef:
     dataset: str
     trainer: Optional[str]
     same_trainer_as_student: bool
+    checkpoint: Optional[str] = None  # explicit checkpoint (models extended with nnUNetv2_cimis_add_classes)
 
     def trainer_for(self, student_trainer: str) -> str:
         return student_trainer if self.same_trainer_as_student or not self.trainer else self.trainer
@@ -108,6 +109,12 @@ def read_step_info(dataset_json: dict, dataset_name: str = "this dataset") -> St
         new = [int(v) for v in block["new_labels"]]
     except (KeyError, TypeError, ValueError) as e:
         raise CIMISError(f"{dataset_name}: the step metadata is incomplete ({e!r}); recreate the step dataset.") from None
+    if not 0 <= index < len(classes_per_step) or int(block.get("num_steps", -1)) != len(classes_per_step):
+        raise CIMISError(f"{dataset_name}: step {index} / num_steps {block.get('num_steps')} do not fit the "
+                         f"{len(classes_per_step)} steps of classes_per_step; recreate the step dataset.")
+    if old != [v for s in classes_per_step[:index] for v in s] or new != classes_per_step[index]:
+        raise CIMISError(f"{dataset_name}: old_labels {old} / new_labels {new} contradict classes_per_step "
+                         f"{classes_per_step} at step {index}; recreate the step dataset.")
     expected = sorted(v for s in classes_per_step[:index + 1] for v in s)
     have = sorted(v for v in names if v != 0)
     if expected != have:
@@ -119,7 +126,8 @@ def read_step_info(dataset_json: dict, dataset_name: str = "this dataset") -> St
         if not t.get("dataset"):
             raise CIMISError(f"{dataset_name}: step {index} has no teacher recorded in its step metadata.")
         teacher = TeacherRef(dataset=t["dataset"], trainer=t.get("trainer"),
-                             same_trainer_as_student=bool(t.get("same_trainer_as_student", False)))
+                             same_trainer_as_student=bool(t.get("same_trainer_as_student", False)),
+                             checkpoint=t.get("checkpoint"))
     return StepInfo(scenario=str(block.get("scenario", "")), index=index, num_steps=int(block["num_steps"]),
                     classes_per_step=classes_per_step, old_labels=old, new_labels=new, label_names=names,
                     teacher=teacher, step_datasets=list(block.get("step_datasets", [])),

@@ -150,11 +150,9 @@ def main(argv=None) -> None:
     if not memory.label_bank:
         raise CIMISError(f"The step memory of {os.path.dirname(ckpt)} holds no label patch to condition on; "
                          f"recompute it with nnUNetv2_cimis_step_memory.")
-    if not os.environ.get("nnUNet_extTrainer"):
-        # the package's trainers, so that a model trained with one of them can be rebuilt
-        import nnunetv2_cimis
+    from nnunetv2_cimis.cli import ensure_trainer_path
 
-        os.environ["nnUNet_extTrainer"] = os.path.join(os.path.dirname(nnunetv2_cimis.__file__), "nnunet_trainers")
+    ensure_trainer_path()  # so that a model trained with one of the package's trainers can be rebuilt
     if args.device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

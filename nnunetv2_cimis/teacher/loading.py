@@ -36,9 +36,15 @@ def model_folder_for(results_root: str, dataset: str, trainer: str, plans: str, 
 
 
 def teacher_checkpoint_path(results_root: Optional[str], dataset: str, trainer: str, plans: str,
-                            configuration: str, fold) -> str:
-    """The teacher checkpoint: ``nnUNet_cimis_teacher`` if set, else the conventional path."""
+                            configuration: str, fold, recorded: Optional[str] = None) -> str:
+    """The teacher checkpoint: ``nnUNet_cimis_teacher`` if set, else the one recorded in the step metadata
+    (``recorded``), else the conventional path."""
     explicit = os.environ.get(ENV_TEACHER, "").strip()
+    if not explicit and recorded:
+        if not os.path.isfile(recorded):
+            raise CIMISError(f"The teacher checkpoint recorded in the step metadata, {recorded}, does not exist. "
+                             f"Set {ENV_TEACHER} to where that model's checkpoint_final.pth is now.")
+        return recorded
     if explicit:
         if not os.path.isfile(explicit):
             raise CIMISError(f"{ENV_TEACHER}={explicit} does not exist. Point it at the previous step's "

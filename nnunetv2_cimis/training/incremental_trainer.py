@@ -81,6 +81,8 @@ class _RoutedLoss(nn.Module):
 class nnUNetTrainerIncremental(nnUNetTrainer):
     """Base trainer of class-incremental steps (see module docstring). Used as is, it is fine-tuning."""
 
+    #: spatial dimensions the method supports (2D and/or 3D configurations)
+    spatial_dims: tuple = (2, 3)
     #: run the teacher on every training batch (steps > 0)
     uses_teacher_outputs: bool = True
     #: load the teacher's step memory into ``self.teacher_memory``
@@ -132,7 +134,7 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
         teacher_trainer = self.step.teacher.trainer_for(self.__class__.__name__)
         ckpt = teacher_checkpoint_path(nnUNet_results.get() if nnUNet_results.is_set() else None,
                                        self.step.teacher.dataset, teacher_trainer, self.plans_manager.plans_name,
-                                       self.configuration_name, self.fold)
+                                       self.configuration_name, self.fold, self.step.teacher.checkpoint)
         info = load_teacher(ckpt, self.device)
         self._check_teacher_labels(info)
         info.network.decoder.deep_supervision = self.enable_deep_supervision

@@ -34,9 +34,10 @@ class nnUNetTrainerILT(nnUNetTrainerLwF):
     student_feature_taps = {"bottleneck": BOTTLENECK_TAP}
     teacher_feature_taps = {"bottleneck": BOTTLENECK_TAP}
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
+    def _build_method_losses(self) -> None:
+        super()._build_method_losses()
+        if self.hp["feature_weight"] < 0:
+            raise ValueError(f"feature_weight must be >= 0, got {self.hp['feature_weight']}")
         self.feature_distillation = FeatureDistillationMSE()
 
     def compute_loss(self, output: List[torch.Tensor], target: List[torch.Tensor], ctx: StepContext) -> torch.Tensor:

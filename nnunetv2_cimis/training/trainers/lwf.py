@@ -24,6 +24,7 @@ from typing import List
 
 import torch
 
+from nnunetv2_cimis.errors import CIMISError, exit_on_user_error
 from nnunetv2_cimis.losses.deep_supervision import apply_over_scales, deep_supervision_weights
 from nnunetv2_cimis.losses.lwf import LwFDistillationLoss
 from nnunetv2_cimis.training.incremental_trainer import StepContext, nnUNetTrainerIncremental
@@ -37,6 +38,16 @@ class nnUNetTrainerLwF(nnUNetTrainerIncremental):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        with exit_on_user_error():
+            try:
+                self._build_method_losses()
+            except ValueError as e:
+                raise CIMISError(f"{self.__class__.__name__}: {e}; check nnUNet_cimis_hparams") from None
+
+    def _build_method_losses(self) -> None:
+        """The method's loss modules, from ``self.hp`` (and, in subclasses, the step)."""
+        if self.hp["kd_weight"] < 0:
+            raise ValueError(f"kd_weight must be >= 0, got {self.hp['kd_weight']}")
         self.output_distillation = LwFDistillationLoss(alpha=self.hp["kd_alpha"])
 
     def distillation_loss(self, output: List[torch.Tensor], ctx: StepContext) -> torch.Tensor:

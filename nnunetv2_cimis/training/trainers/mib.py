@@ -28,6 +28,7 @@ from typing import List
 
 import torch
 
+from nnunetv2_cimis.errors import CIMISError, exit_on_user_error
 from nnunetv2_cimis.losses.deep_supervision import apply_over_scales, deep_supervision_weights
 from nnunetv2_cimis.losses.mib import UnbiasedDiceCELoss, UnbiasedKnowledgeDistillation
 from nnunetv2_cimis.training.incremental_trainer import StepContext, nnUNetTrainerIncremental
@@ -45,13 +46,23 @@ class nnUNetTrainerMiB(nnUNetTrainerIncremental):
         self.unbiased_segmentation = None
         self.unbiased_distillation = None
         if self.step.is_incremental:
-            n_old = self.step.n_old_outputs
-            self.unbiased_segmentation = UnbiasedDiceCELoss(
-                n_old, weight_ce=1.0, weight_dice=self.hp["dice_weight"],
-                batch_dice=self.configuration_manager.batch_dice, smooth=1e-5,
-                include_background=self.hp["dice_include_merged_background"],
-                ignore_index=self.label_manager.ignore_label)
-            self.unbiased_distillation = UnbiasedKnowledgeDistillation(n_old, alpha=self.hp["kd_alpha"])
+            with exit_on_user_error():
+                try:
+                    self._build_method_losses()
+                except ValueError as e:
+                    raise CIMISError(f"{self.__class__.__name__}: {e}; check nnUNet_cimis_hparams") from None
+
+    def _build_method_losses(self) -> None:
+        """The unbiased losses for this step's ``n_old`` (teacher channels), from ``self.hp`` and the plans."""
+        if self.hp["kd_weight"] < 0:
+            raise ValueError(f"kd_weight must be >= 0, got {self.hp['kd_weight']}")
+        n_old = self.step.n_old_outputs
+        self.unbiased_segmentation = UnbiasedDiceCELoss(
+            n_old, weight_ce=1.0, weight_dice=self.hp["dice_weight"],
+            batch_dice=self.configuration_manager.batch_dice, smooth=1e-5,
+            include_background=self.hp["dice_include_merged_background"],
+            ignore_index=self.label_manager.ignore_label)
+        self.unbiased_distillation = UnbiasedKnowledgeDistillation(n_old, alpha=self.hp["kd_alpha"])
 
     def compute_loss(self, output: List[torch.Tensor], target: List[torch.Tensor], ctx: StepContext) -> torch.Tensor:
         weights = deep_supervision_weights(len(output))

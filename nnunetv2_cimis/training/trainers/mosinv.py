@@ -175,7 +175,11 @@ class nnUNetTrainerMOSInv(nnUNetTrainerIncremental):
         if memory.patch_size and list(memory.patch_size) != patch:
             raise CIMISError(f"The teacher's step memory has patch size {memory.patch_size} but this step trains "
                              f"with {patch}: use the plans of the first step for every step.")
+        if self.is_ddp and self.local_rank != 0:
+            torch.distributed.barrier()  # rank 0 synthesises; the others then find its set and reuse it
         folder = self._find_or_make_synthetic_set()
+        if self.is_ddp and self.local_rank == 0:
+            torch.distributed.barrier()
         indices = existing_volumes(folder)[: int(self.hp["num_synthetic"])]
         images, labels = load_synthetic_set(folder, indices)
         if list(images.shape[2:]) != patch or images.shape[1] != self.num_input_channels:

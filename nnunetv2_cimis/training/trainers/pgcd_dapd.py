@@ -22,7 +22,7 @@ What one training iteration of a step t > 0 does (see ``docs/methods_pgcd_dapd.m
    the background one updates the EMA background prototype (kept in the checkpoint);
 4. global prototypes = the teacher's step memory for the old classes, the EMA for background;
 5. PGCD: calibration weights from cos(teacher feature, global prototype), a weighted background-aware KL
-   between teacher and student at every deep-supervision scale (weights resized linearly);
+   between teacher and student at every deep-supervision scale (weights resized by nearest neighbour);
 6. DAPD: the student's local prototypes on the same regions aligned with the global and the teacher's local ones.
 
 Hyperparameters (``nnUNet_cimis_hparams`` overrides them; every value is this package's choice, the paper does

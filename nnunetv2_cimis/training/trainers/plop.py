@@ -48,7 +48,7 @@ from torch import autocast
 
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunetv2_cimis.errors import CIMISError
+from nnunetv2_cimis.errors import CIMISError, exit_on_user_error
 from nnunetv2_cimis.losses.deep_supervision import apply_over_scales, deep_supervision_weights
 from nnunetv2_cimis.losses.plop import PLOPDistillationLoss, PLOPPseudoLabeller, PseudoLabelDiceCELoss
 from nnunetv2_cimis.training.incremental_trainer import StepContext, nnUNetTrainerIncremental
@@ -80,8 +80,18 @@ class nnUNetTrainerPLOP(nnUNetTrainerIncremental):
         self.pseudo_label_loss = None
         self.pod_loss = None
         self.pod_tap_names: List[str] = []
-        if not self.step.is_incremental:
-            return
+        if self.step.is_incremental:
+            with exit_on_user_error():
+                try:
+                    self._build_method_losses()
+                except ValueError as e:
+                    raise CIMISError(f"{self.__class__.__name__}: {e}; check nnUNet_cimis_hparams") from None
+
+    def _build_method_losses(self) -> None:
+        """Feature taps, pseudo-labeller and losses for this step, from ``self.hp`` and the plans."""
+        if not isinstance(self.hp["threshold_num_batches"], int) or self.hp["threshold_num_batches"] < 0:
+            raise ValueError(f"threshold_num_batches must be an integer >= 0 (0 = one epoch), got "
+                             f"{self.hp['threshold_num_batches']!r}")
         paths = self._pod_tap_paths()
         self.pod_tap_names = [f"pod{i}" for i in range(len(paths))]
         # instance attributes: the base installs the taps in initialize()

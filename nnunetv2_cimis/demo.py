@@ -1,0 +1,177 @@
+"""``nnUNetv2_cimis_demo``: the whole class-incremental loop on CPU, on a built-in synthetic phantom.
+
+1. writes a synthetic phantom as an nnU-Net raw dataset (``nnUNetv2_cimis_phantom``);
+2. turns it into a 3-step scenario (``nnUNetv2_cimis_make_scenario``: real nnU-Net planning once on step 0,
+   plans moved to the other steps, all preprocessed; a small network written into the plans);
+3. trains step 0, the joint upper bound and, for every continual trainer, steps 1 and 2 with the real
+   ``nnUNetv2_train`` (two runs at a time on two cores; each method continues its own chain);
+4. predicts the held-out test set with every step's model through nnU-Net's predictor, scores it with
+   nnU-Net's evaluation and writes ``scores.csv``, ``summary.json``, ``report.md`` and
+   ``dice_per_class.png`` into ``--output``, and prints the table.
+
+Everything lives under ``--output`` (``nnunet/`` holds nnUNet_raw / _preprocessed / _results).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence
+
+from nnunetv2_cimis.errors import CIMISError, cli_entry
+
+SOURCE_ID, FIRST_STEP_ID = 900, 901
+PLANS = "nnUNetPlansDemo"
+KINDS = {
+    # kind: (configuration, scenario, default shape, features per stage)
+    "abdominal3d": ("3d_fullres", "2-2-2", (32, 32, 32), (8, 16, 32, 64)),
+    "laparoscopic2d": ("2d", "2-2-2", (64, 64), (8, 16, 32, 64, 64)),
+}
+
+
+class Clock:
+    def __init__(self):
+        self.start = time.time()
+
+    def log(self, message: str) -> None:
+        t = int(time.time() - self.start)
+        print(f"[{t // 60:02d}:{t % 60:02d}] {message}", flush=True)
+
+
+def demo_environment(output: str, epochs: int, iterations: int) -> Dict[str, str]:
+    """nnU-Net folders under ``output`` and CPU settings (see docs/NNUNET facts: in-process augmentation,
+    one worker for the final validation, no compilation)."""
+    from nnunetv2_cimis.cli import trainer_path
+    root = os.path.join(os.path.abspath(output), "nnunet")
+    env = {
+        "nnUNet_raw": os.path.join(root, "raw"),
+        "nnUNet_preprocessed": os.path.join(root, "preprocessed"),
+        "nnUNet_results": os.path.join(root, "results"),
+        "nnUNet_extTrainer": trainer_path(),
+        "nnUNet_n_proc_DA": "0",
+        "nnUNet_def_n_proc": "1",
+        "nnUNet_compile": "false",
+        "nnUNet_cimis_epochs": str(epochs),
+        "nnUNet_cimis_iterations": str(iterations),
+        "nnUNet_cimis_val_iterations": "2",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.makedirs(env[k], exist_ok=True)
+    return env
+
+
+def run_training(dataset: str, configuration: str, trainer: str, env: Dict[str, str], log_dir: str,
+                 clock: Clock, iterations: Optional[int] = None) -> float:
+    """One real ``nnUNetv2_train`` run on CPU; its output goes to a log file. Returns seconds taken."""
+    exe = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train")
+    if not os.path.isfile(exe):
+        exe = shutil.which("nnUNetv2_train") or "nnUNetv2_train"
+    run_env = dict(os.environ, **env)
+    if iterations is not None:
+        run_env["nnUNet_cimis_iterations"] = str(iterations)
+    log = os.path.join(log_dir, f"{dataset}__{trainer}.log")
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run([exe, dataset, configuration, "0", "-tr", trainer, "-p", PLANS, "-device", "cpu"],
+                              env=run_env, stdout=f, stderr=subprocess.STDOUT)
+    took = time.time() - t0
+    if proc.returncode != 0:
+        with open(log) as f:
+            tail = "".join(f.readlines()[-25:])
+        raise CIMISError(f"nnUNetv2_train {dataset} {trainer} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    clock.log(f"trained {trainer} on {dataset} ({took:.0f} s)")
+    return took
+
+
+def run_demo(output: str, trainers: Optional[Sequence[str]] = None, kind: str = "abdominal3d",
+             num_cases: int = 15, epochs: int = 1, iterations_step0: int = 150, iterations: int = 60,
+             iterations_joint: int = 150, jobs: int = 2, seed: int = 0, overwrite: bool = False) -> dict:
+    """Run the demo (see module docstring); returns the evaluation summary."""
+    from nnunetv2_cimis.training.registry import continual_trainers
+    if kind not in KINDS:
+        raise CIMISError(f"Unknown phantom kind {kind!r}; choose one of {sorted(KINDS)}.")
+    configuration, scenario, shape, features = KINDS[kind]
+    dims = len(shape)
+    available = continual_trainers(dims)
+    trainers = list(trainers) if trainers else available
+    unknown = [t for t in trainers if t not in available]
+    if unknown:
+        raise CIMISError(f"Unknown or unsuitable trainers for {kind}: {unknown}. Available: {available}.")
+    if "nnUNetTrainerFT" not in trainers:
+        trainers = ["nnUNetTrainerFT"] + trainers  # step 0 is trained by it
+    output = os.path.abspath(output)
+    if os.path.isdir(os.path.join(output, "nnunet")):
+        if not overwrite:
+            raise CIMISError(f"{output} already holds a demo; pass --overwrite or choose another --output.")
+        shutil.rmtree(os.path.join(output, "nnunet"))
+    clock = Clock()
+    env = demo_environment(output, epochs, iterations)
+    os.environ.update(env)
+    log_dir = os.path.join(output, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+
+    clock.log(f"writing the {kind} phantom ({num_cases} cases) under {env['nnUNet_raw']}")
+    if kind == "abdominal3d":
+        from nnunetv2_cimis.phantom.abdominal3d import write_abdominal_phantom
+        write_abdominal_phantom(env["nnUNet_raw"], SOURCE_ID, num_cases, shape=shape, seed=seed)
+    else:
+        from nnunetv2_cimis.phantom.laparoscopic2d import write_laparoscopic_phantom
+        write_laparoscopic_phantom(env["nnUNet_raw"], SOURCE_ID, num_cases, seed=seed)
+    clock.log(f"making scenario {scenario}: nnU-Net plans step 0, plans moved, every step preprocessed")
+    from nnunetv2_cimis.scenarios.make_scenario import make_scenario
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = make_scenario(str(SOURCE_ID), scenario, [FIRST_STEP_ID + i for i in range(3)], seed=seed,
+                                configuration=configuration, plans_name=PLANS, features_per_stage=features)
+    steps, joint = summary["step_datasets"], summary["joint_dataset"]
+    clock.log(f"steps: {', '.join(f'{d} learns {c}' for d, c in zip(steps, summary['classes_per_step']))}")
+    clock.log(f"cases per step {summary['cases_per_step']}, test cases {summary['test_cases']}; training "
+              f"{len(trainers)} methods with {jobs} parallel runs, logs in {log_dir}")
+
+    def chain(trainer: str) -> None:
+        for d in steps[1:]:
+            run_training(d, configuration, trainer, env, log_dir, clock)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        joint_future = pool.submit(run_training, joint, configuration, "nnUNetTrainerJoint", env, log_dir, clock,
+                                   iterations_joint)
+        run_training(steps[0], configuration, "nnUNetTrainerFT", env, log_dir, clock, iterations_step0)
+        futures = [pool.submit(chain, t) for t in trainers]
+        for f in futures + [joint_future]:
+            f.result()
+    clock.log("evaluating every step's model on the held-out test set")
+    from nnunetv2_cimis.evaluation.evaluate import evaluate_scenario
+    result = evaluate_scenario(steps[0], configuration, PLANS, 0, trainers, output, num_processes=0)
+    print(result["markdown"])
+    clock.log(f"done. Results in {output}: scores.csv, summary.json, report.md, dice_per_class.png")
+    return result
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", "-o", required=True, help="folder for everything the demo writes")
+    p.add_argument("--trainers", nargs="+", default=None, help="continual trainers (default: all that exist)")
+    p.add_argument("--kind", default="abdominal3d", choices=sorted(KINDS), help="phantom: 3D CT or 2D laparoscopy")
+    p.add_argument("--cases", type=int, default=15, help="phantom cases (test set and three steps)")
+    p.add_argument("--iterations", type=int, default=60, help="training iterations of each incremental step")
+    p.add_argument("--iterations-step0", type=int, default=150, help="training iterations of step 0")
+    p.add_argument("--iterations-joint", type=int, default=150, help="training iterations of the joint model")
+    p.add_argument("--epochs", type=int, default=1, help="epochs (each of --iterations iterations)")
+    p.add_argument("--jobs", type=int, default=2, help="training runs at a time")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --output")
+    a = p.parse_args(argv)
+    run_demo(a.output, a.trainers, a.kind, a.cases, a.epochs, a.iterations_step0, a.iterations, a.iterations_joint,
+             a.jobs, a.seed, a.overwrite)
+
+
+if __name__ == "__main__":
+    main()
