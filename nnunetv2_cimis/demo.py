@@ -67,7 +67,7 @@ def demo_environment(output: str, epochs: int, iterations: int) -> Dict[str, str
 
 
 def run_training(dataset: str, configuration: str, trainer: str, env: Dict[str, str], log_dir: str,
-                 clock: Clock, iterations: Optional[int] = None) -> float:
+                 clock: Clock, iterations: Optional[int] = None, plans: str = PLANS, device: str = "cpu") -> float:
     """One real ``nnUNetv2_train`` run on CPU; its output goes to a log file. Returns seconds taken."""
     exe = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train")
     if not os.path.isfile(exe):
@@ -78,7 +78,7 @@ def run_training(dataset: str, configuration: str, trainer: str, env: Dict[str, 
     log = os.path.join(log_dir, f"{dataset}__{trainer}.log")
     t0 = time.time()
     with open(log, "w") as f:
-        proc = subprocess.run([exe, dataset, configuration, "0", "-tr", trainer, "-p", PLANS, "-device", "cpu"],
+        proc = subprocess.run([exe, dataset, configuration, "0", "-tr", trainer, "-p", plans, "-device", device],
                               env=run_env, stdout=f, stderr=subprocess.STDOUT)
     took = time.time() - t0
     if proc.returncode != 0:
@@ -87,6 +87,29 @@ def run_training(dataset: str, configuration: str, trainer: str, env: Dict[str, 
         raise CIMISError(f"nnUNetv2_train {dataset} {trainer} failed (exit {proc.returncode}); log {log}:\n{tail}")
     clock.log(f"trained {trainer} on {dataset} ({took:.0f} s)")
     return took
+
+
+def train_scenario(steps: Sequence[str], joint: Optional[str], configuration: str, plans: str,
+                   trainers: Sequence[str], env: Dict[str, str], log_dir: str, clock: Clock,
+                   iterations_step0: Optional[int] = None, iterations_joint: Optional[int] = None, jobs: int = 2,
+                   train_step0: bool = True, device: str = "cpu") -> None:
+    """Train step 0 (``nnUNetTrainerFT``), the joint bound (``nnUNetTrainerJoint``) and each trainer's chain of
+    later steps, ``jobs`` runs at a time."""
+    def chain(trainer: str) -> None:
+        for d in steps[1:]:
+            run_training(d, configuration, trainer, env, log_dir, clock, plans=plans, device=device)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        joint_future = None
+        if joint:
+            joint_future = pool.submit(run_training, joint, configuration, "nnUNetTrainerJoint", env, log_dir, clock,
+                                       iterations_joint, plans, device)
+        if train_step0:
+            run_training(steps[0], configuration, "nnUNetTrainerFT", env, log_dir, clock, iterations_step0, plans,
+                         device)
+        futures = [pool.submit(chain, t) for t in trainers]
+        for f in futures + ([joint_future] if joint_future else []):
+            f.result()
 
 
 def run_demo(output: str, trainers: Optional[Sequence[str]] = None, kind: str = "abdominal3d",
@@ -135,17 +158,8 @@ def run_demo(output: str, trainers: Optional[Sequence[str]] = None, kind: str = 
     clock.log(f"cases per step {summary['cases_per_step']}, test cases {summary['test_cases']}; training "
               f"{len(trainers)} methods with {jobs} parallel runs, logs in {log_dir}")
 
-    def chain(trainer: str) -> None:
-        for d in steps[1:]:
-            run_training(d, configuration, trainer, env, log_dir, clock)
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        joint_future = pool.submit(run_training, joint, configuration, "nnUNetTrainerJoint", env, log_dir, clock,
-                                   iterations_joint)
-        run_training(steps[0], configuration, "nnUNetTrainerFT", env, log_dir, clock, iterations_step0)
-        futures = [pool.submit(chain, t) for t in trainers]
-        for f in futures + [joint_future]:
-            f.result()
+    train_scenario(steps, joint, configuration, PLANS, trainers, env, log_dir, clock, iterations_step0,
+                   iterations_joint, jobs)
     clock.log("evaluating every step's model on the held-out test set")
     from nnunetv2_cimis.evaluation.evaluate import evaluate_scenario
     result = evaluate_scenario(steps[0], configuration, PLANS, 0, trainers, output, num_processes=0)

@@ -36,6 +36,20 @@ def test_config_checks():
         DiffusionConfig(num_train_timesteps=10, sampling_steps=20)
     with pytest.raises(ValueError, match="train_iterations"):
         DiffusionConfig(train_iterations=0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        DiffusionConfig(prediction_type="noise")
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_other_prediction_types_train_and_sample(prediction_type, tmp_path):
+    images = torch.rand(4, 3, 8, 8)
+    model = train_diffusion_model(images, DiffusionConfig(**dict(TINY, prediction_type=prediction_type)),
+                                  log=lambda s: None)
+    folder = save_diffusion_model(model, str(tmp_path / "m"))
+    loaded = load_diffusion_model(folder)
+    assert loaded.scheduler_config["prediction_type"] == prediction_type
+    out = sample_images(loaded, [0, 1])
+    assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
 
 
 def test_intensity_scaler_round_trip_and_values():

@@ -2,7 +2,6 @@
 DDP's gradient averaging) gradients of the whole batch, as one process holding all of it does."""
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -176,7 +176,7 @@ class CrossImagePixelContrastLoss(nn.Module):
         temperature: ``tau`` (default 0.07, the paper's value).
         max_anchors_per_class: anchors sampled per class and batch (default 64, a choice).
         queue_pixels_per_image: pixels per class and image pushed into the queue by
-            :meth:`update_queue` (default 10, a choice; the paper pushes 10 per image and class).
+            :meth:`update_queue` (default 10, a choice).
         ignore_index: label value never used, besides every negative value (default -1).
 
     ``forward(embeddings, labels, queue=None, predictions=None)``:

@@ -218,7 +218,8 @@ class EMAPrototype:
             self.value = p.clone()
         else:
             if self.value.shape != p.shape:
-                raise ValueError(f"batch prototype {tuple(p.shape)} does not match the stored {tuple(self.value.shape)}")
+                raise ValueError(f"batch prototype {tuple(p.shape)} does not match the stored "
+                                 f"{tuple(self.value.shape)}")
             self.value = self.momentum * self.value.to(p.device) + (1.0 - self.momentum) * p
         self.num_updates += 1
 

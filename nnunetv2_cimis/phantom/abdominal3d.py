@@ -53,13 +53,15 @@ LABEL_PRIORITY: Tuple[str, ...] = ("aorta", "gallbladder", "kidney_right", "kidn
                                    "spleen", "stomach", "liver")
 
 #: Mean CT intensity (HU) of each organ (stomach: its fluid content; the air cap is AIR_HU_STOMACH).
-ORGAN_HU: Dict[str, float] = {"liver": 60.0, "spleen": 45.0, "kidney_right": 30.0, "kidney_left": 30.0,
-                              "aorta": 150.0, "stomach": 15.0, "pancreas": 40.0, "gallbladder": 10.0}
+ORGAN_HU: Dict[str, float] = {"liver": 100.0, "spleen": 125.0, "kidney_right": 160.0, "kidney_left": 160.0,
+                              "aorta": 180.0, "stomach": 10.0, "pancreas": 80.0, "gallbladder": 5.0}
+#: Contrast-filled intrahepatic vessels (portal / hepatic veins), part of the liver label as in real data.
+LIVER_VESSEL_HU = 170.0
 AIR_HU = -1000.0
 AIR_HU_STOMACH = -800.0
 SUBCUTANEOUS_FAT_HU = -100.0
-INTERIOR_HU = -40.0  # mixed mesenteric fat and bowel
-MUSCLE_HU = 50.0
+INTERIOR_HU = -60.0  # mixed mesenteric fat and bowel
+MUSCLE_HU = 55.0
 BONE_HU = 400.0
 
 # Nominal geometry in normalised coordinates (each axis spans [-1, 1] over the field of view), order
@@ -67,14 +69,14 @@ BONE_HU = 400.0
 _ELLIPSOIDS = {
     "liver_right_lobe": ((-0.40, -0.05, 0.35), (0.38, 0.42, 0.45), 0.0),
     "liver_left_lobe": ((0.05, -0.35, 0.45), (0.35, 0.20, 0.30), 10.0),
-    "spleen": ((0.58, 0.25, 0.40), (0.16, 0.28, 0.26), 30.0),
-    "kidney_right": ((-0.38, 0.40, -0.12), (0.17, 0.20, 0.32), -15.0),
-    "kidney_left": ((0.38, 0.40, 0.0), (0.17, 0.20, 0.32), 15.0),
-    "stomach": ((0.35, -0.25, 0.35), (0.25, 0.20, 0.30), -20.0),
-    "pancreas": ((0.10, 0.04, 0.05), (0.38, 0.11, 0.14), 15.0),
-    "gallbladder": ((-0.25, -0.38, 0.0), (0.12, 0.14, 0.20), 0.0),
+    "spleen": ((0.56, 0.25, 0.40), (0.19, 0.30, 0.30), 30.0),
+    "kidney_right": ((-0.38, 0.40, -0.12), (0.20, 0.24, 0.36), -15.0),
+    "kidney_left": ((0.38, 0.40, 0.0), (0.20, 0.24, 0.36), 15.0),
+    "stomach": ((0.35, -0.25, 0.35), (0.28, 0.23, 0.32), -20.0),
+    "pancreas": ((0.10, 0.04, 0.05), (0.40, 0.13, 0.16), 15.0),
+    "gallbladder": ((-0.25, -0.38, 0.0), (0.14, 0.16, 0.22), 0.0),
 }
-_AORTA = ((0.08, 0.20), 0.10)  # centre (x, y), radius
+_AORTA = ((0.08, 0.20), 0.11)  # centre (x, y), radius
 _SPINE = ((0.0, 0.52), 0.15)
 _BODY = ((0.0, 0.05), (0.92, 0.72))  # centre (x, y), radii (x, y)
 _FAT_LAYER = 0.13  # fraction of the body radius taken by subcutaneous fat
@@ -100,6 +102,20 @@ def _deformed_ellipsoid(p: np.ndarray, centre, radii, angle_deg: float, rng: np.
         w *= rng.uniform(1.5, 3.0) / (np.linalg.norm(w) + 1e-8)
         bump += np.sin(np.tensordot(w, q, axes=1) + rng.uniform(0, 2 * np.pi))
     return r2 <= 1.0 + deformation * bump / 2.0
+
+
+def _vessel_tree(p: np.ndarray, rng: np.random.Generator, branches: int = 4, radius: float = 0.06) -> np.ndarray:
+    """Rays of radius ``radius`` from a jittered liver hilum in random, mostly axial directions."""
+    hilum = np.array([-0.30, 0.05, 0.25]) + rng.uniform(-0.05, 0.05, 3)
+    v = p - hilum[:, None, None, None]
+    out = np.zeros(p.shape[1:], dtype=bool)
+    for _ in range(branches):
+        d = rng.normal(0.0, 1.0, 3)
+        d[2] *= 0.5
+        d /= np.linalg.norm(d) + 1e-8
+        along = np.tensordot(d, v, axes=1)
+        out |= (along >= 0) & ((v ** 2).sum(0) - along ** 2 <= radius ** 2)
+    return out
 
 
 def _grid(shape: Sequence[int]) -> np.ndarray:
@@ -188,6 +204,8 @@ def make_abdominal_case(shape: Sequence[int] = (32, 32, 32), seed: int = 0, case
             ys = y[sel]
             cut = ys.min() + 0.3 * (ys.max() - ys.min())
             image[sel & (y <= cut)] = AIR_HU_STOMACH
+        if name == "liver" and sel.any():
+            image[sel & _vessel_tree(p, rng)] = LIVER_VESSEL_HU
 
     image += rng.normal(0.0, noise_std, shape) if noise_std > 0 else 0.0
     return image.astype(np.float32), label, labels

@@ -63,7 +63,9 @@ class DiffusionConfig:
         norm_groups: GroupNorm groups (default 8).
         num_train_timesteps: DDPM noise steps T (default 1000, the DDPM paper's value).
         beta_schedule: diffusers beta schedule (default "squaredcos_cap_v2", better at few sampling steps).
-        train_iterations: optimisation steps (default 300).
+        prediction_type: what the network predicts, diffusers' ``"epsilon"`` (the DDPM paper's noise),
+            ``"sample"`` (the clean image) or ``"v_prediction"`` (default "epsilon").
+        train_iterations: optimisation steps (default 200).
         batch_size: images per step (default 16).
         learning_rate: AdamW learning rate (default 1e-3).
         sampling_steps: DDIM steps when sampling (default 25).
@@ -76,7 +78,8 @@ class DiffusionConfig:
     norm_groups: int = 8
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    train_iterations: int = 300
+    prediction_type: str = "epsilon"
+    train_iterations: int = 200
     batch_size: int = 16
     learning_rate: float = 1e-3
     sampling_steps: int = 25
@@ -99,6 +102,9 @@ class DiffusionConfig:
         if self.sampling_steps > self.num_train_timesteps:
             raise ValueError(f"sampling_steps ({self.sampling_steps}) cannot exceed num_train_timesteps "
                              f"({self.num_train_timesteps})")
+        if self.prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"DiffusionConfig.prediction_type must be 'epsilon', 'sample' or 'v_prediction', got "
+                             f"{self.prediction_type!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"DiffusionConfig.learning_rate must be > 0, got {self.learning_rate}")
 
@@ -155,7 +161,8 @@ def build_unet(config: DiffusionConfig, num_channels: int):
                        layers_per_block=config.layers_per_block, block_out_channels=config.block_channels,
                        down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
                        norm_num_groups=config.norm_groups)
-    scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule)
+    scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+                              prediction_type=config.prediction_type)
     return unet, scheduler
 
 
@@ -188,7 +195,8 @@ def train_diffusion_model(images: torch.Tensor, config: DiffusionConfig, device:
                           log: Callable[[str], None] = print, log_every: int = 100) -> DiffusionModel:
     """Train an unconditional DDPM on ``images`` ``(N, C, S, S)`` (network-input scale, ``S = config.image_size``).
 
-    Noise-prediction MSE (the DDPM objective), AdamW, random horizontal / vertical flips.
+    MSE on the ``config.prediction_type`` target (noise: the DDPM objective), AdamW, random horizontal /
+    vertical flips.
 
     Raises:
         ValueError: images of the wrong shape or size, or fewer than one image.
@@ -218,7 +226,13 @@ def train_diffusion_model(images: torch.Tensor, config: DiffusionConfig, device:
         noise = torch.randn(x.shape, generator=g).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (x.shape[0],), generator=g).to(device)
         noisy = scheduler.add_noise(x, noise, t)
-        loss = F.mse_loss(unet(noisy, t).sample, noise)
+        if config.prediction_type == "epsilon":
+            goal = noise
+        elif config.prediction_type == "sample":
+            goal = x
+        else:
+            goal = scheduler.get_velocity(x, noise, t)
+        loss = F.mse_loss(unet(noisy, t).sample, goal)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -33,19 +33,19 @@ name                               default         status
 =================================  ==============  ================================================
 kd_weight                          10.0            choice (MiB's UNKD weight)
 kd_alpha                           1.0             choice (MiB's default)
-contrast_weight                    0.1             choice (ICCV 2021 code uses 0.1)
+contrast_weight                    0.1             choice
 contrast_temperature               0.07            [known] ICCV 2021
 contrast_tap                       decoder.stages.-1  choice: last decoder stage (full resolution)
 contrast_embedding_dim             32              choice
 contrast_anchors_per_class         64              choice
 contrast_queue_size                500             choice (per class)
-contrast_queue_pixels_per_image    10              choice ([known] 10 in the ICCV 2021 code)
+contrast_queue_pixels_per_image    10              choice (pixels pushed per class and image)
 pseudo_label_confidence            0.5             choice: teacher softmax needed for an old-class label
 synthetic_per_batch                1               choice: synthetic images appended to each batch
 num_synthetic                      64              choice: images sampled (and cached) per step
 diffusion_image_size               32              choice, CPU-friendly (small)
 diffusion_channels                 [32, 64]        choice, CPU-friendly (small)
-diffusion_train_iterations         300             choice, CPU-friendly (far too few for real data)
+diffusion_train_iterations         200             choice, CPU-friendly (far too few for real data)
 diffusion_batch_size               16              choice
 diffusion_learning_rate            0.001           choice
 diffusion_crops_per_case           8               choice: training crops taken from each case
@@ -144,7 +144,7 @@ class nnUNetTrainerDDCL(nnUNetTrainerIncremental):
         "contrast_embedding_dim": 32, "contrast_anchors_per_class": 64, "contrast_queue_size": 500,
         "contrast_queue_pixels_per_image": 10, "pseudo_label_confidence": 0.5,
         "synthetic_per_batch": 1, "num_synthetic": 64,
-        "diffusion_image_size": 32, "diffusion_channels": [32, 64], "diffusion_train_iterations": 300,
+        "diffusion_image_size": 32, "diffusion_channels": [32, 64], "diffusion_train_iterations": 200,
         "diffusion_batch_size": 16, "diffusion_learning_rate": 1e-3, "diffusion_crops_per_case": 8,
         "diffusion_sampling_steps": 25, "diffusion_seed": 0,
         "missing_replay_model": "error",

@@ -119,7 +119,8 @@ class nnUNetTrainerPGCDDAPD(nnUNetTrainerIncremental):
             if not 0.0 <= float(hp["old_region_confidence"]) <= 1.0:
                 raise ValueError(f"old_region_confidence must be in [0, 1], got {hp['old_region_confidence']}")
         except (ValueError, TypeError) as e:
-            raise CIMISError(f"Bad hyperparameter of {self.__class__.__name__}: {e}. Fix nnUNet_cimis_hparams.") from None
+            raise CIMISError(f"Bad hyperparameter of {self.__class__.__name__}: {e}. "
+                             f"Fix nnUNet_cimis_hparams.") from None
 
     # ------------------------------------------------------------------ set-up
     def on_incremental_train_start(self) -> None:
@@ -132,12 +133,14 @@ class nnUNetTrainerPGCDDAPD(nnUNetTrainerIncremental):
         self.unbiased_segmentation = UnbiasedDiceCELoss(n_old, batch_dice=self.configuration_manager.batch_dice,
                                                         ignore_index=ignore)
         missing = [v for v in range(1, n_old) if not bool(self._old_prototype_valid[v])]
+        background = "from checkpoint/memory" if self.background_prototype.is_set else "from the first batch"
         self.print_to_log_file(
             f"PGCD/DAPD: {n_old - 1 - len(missing)} of {n_old - 1} old classes have a global prototype"
             + (f" (none for {missing}: PGCD weight 1, DAPD local alignment only)" if missing else "")
-            + f"; background prototype {'from checkpoint/memory' if self.background_prototype.is_set else 'from the first batch'}")
+            + f"; background prototype {background}")
 
-    def _global_prototypes_from_memory(self, memory: Optional[StepMemory], n_old: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _global_prototypes_from_memory(self, memory: Optional[StepMemory],
+                                       n_old: int) -> Tuple[torch.Tensor, torch.Tensor]:
         tap = self.hp["prototype_tap"]
         if memory is None:
             raise CIMISError("PGCD/DAPD need the teacher's step memory (global prototypes of the old classes), "

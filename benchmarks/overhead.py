@@ -1,0 +1,167 @@
+"""Time per training iteration and peak memory of trainers, as ratios to ``nnUNetTrainer``.
+
+All trainers run on the same preprocessed step (step 1 of a phantom scenario, whose step 0 is trained for a
+few iterations to serve as teacher), each in a fresh process, for ``--iterations`` timed training iterations
+after ``--warmup`` untimed ones. Only ``train_step`` is timed (the batch is drawn before the clock starts), so
+data loading, identical for all, does not dilute the ratios. Memory: on CUDA the peak of
+``torch.cuda.max_memory_allocated`` over the timed iterations; on CPU the growth of the process's peak
+resident memory from just before the trainer is set up (network, teacher, optimizer, data) to the end.
+Prints one line per trainer: ``NAME time_ratio=X.XX memory_ratio=Y.YY`` (plus absolute figures).
+
+    python benchmarks/overhead.py --trainers nnUNetTrainer nnUNetTrainerPGCDDAPD --iterations 20
+    python benchmarks/overhead.py --trainers nnUNetTrainerMiB --device cuda --default-network --shape 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+BASELINE = "nnUNetTrainer"
+CONFIGURATION = "3d_fullres"
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(dataset: str, plans: str, trainer_name: str, iterations: int, warmup: int, device: str) -> dict:
+    """Measure one trainer in this process (called in a subprocess by :func:`main`)."""
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    recursive_find_trainer_class_by_name(trainer_name)  # imports done before the memory baseline
+    baseline_rss = _rss_mb()
+    trainer = get_trainer_from_args(dataset, CONFIGURATION, 0, trainer_name, plans, device=dev)
+    trainer.num_iterations_per_epoch = iterations + warmup
+    trainer.on_train_start()
+    trainer.on_epoch_start()
+    trainer.on_train_epoch_start()
+    for _ in range(warmup):
+        trainer.train_step(next(trainer.dataloader_train))
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    elapsed = 0.0
+    for _ in range(iterations):
+        batch = next(trainer.dataloader_train)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        trainer.train_step(batch)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed += time.perf_counter() - t0
+    memory = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda"
+              else _peak_rss_mb() - baseline_rss)
+    return {"trainer": trainer_name, "seconds_per_iteration": elapsed / iterations, "memory_mb": memory,
+            "parameters": sum(p.numel() for p in trainer.network.parameters())}
+
+
+def prepare(workdir: str, shape: int, default_network: bool, cases: int, device: str) -> str:
+    """Phantom scenario with step 0 trained briefly (the teacher); returns the step-1 dataset name."""
+    from nnunetv2_cimis.demo import Clock, demo_environment, run_training
+    from nnunetv2_cimis.phantom.abdominal3d import write_abdominal_phantom
+    from nnunetv2_cimis.scenarios.make_scenario import make_scenario
+    env = demo_environment(workdir, 1, 2)
+    os.environ.update(env)
+    marker = os.path.join(workdir, "prepared.json")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            return json.load(f)["dataset"]
+    write_abdominal_phantom(env["nnUNet_raw"], 800, cases, shape=(shape,) * 3, seed=0, overwrite=True)
+    features = None if default_network else (8, 16, 32, 64, 128, 256)
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = make_scenario("800", "2-2-2", [801, 802, 803], configuration=CONFIGURATION,
+                                plans_name=plans_name(default_network), features_per_stage=features)
+    run_training(summary["step_datasets"][0], CONFIGURATION, "nnUNetTrainerFT", env, workdir, Clock(), 2,
+                 plans_name(default_network), device)
+    with open(marker, "w") as f:
+        json.dump({"dataset": summary["step_datasets"][1]}, f)
+    return summary["step_datasets"][1]
+
+
+def plans_name(default_network: bool) -> str:
+    return "nnUNetPlans" if default_network else "nnUNetPlansSmall"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trainers", nargs="+", required=True)
+    p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--workdir", default=os.path.join("benchmarks", "_work", "overhead"))
+    p.add_argument("--shape", type=int, default=32, help="phantom edge length (cube); the plans pick the patch")
+    p.add_argument("--cases", type=int, default=12)
+    p.add_argument("--default-network", action="store_true",
+                   help="nnU-Net's planned network unchanged (default: a smaller network for CPU)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        print("RESULT " + json.dumps(worker(a.dataset, plans_name(a.default_network), a.worker, a.iterations,
+                                            a.warmup, a.device)))
+        return
+    workdir = os.path.abspath(a.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if a.device == "cpu":
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    dataset = prepare(workdir, a.shape, a.default_network, a.cases, a.device)
+    trainers = [BASELINE] + [t for t in a.trainers if t != BASELINE]
+    results = {}
+    for t in trainers:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", t, "--dataset", dataset, "--trainers", t,
+               "--iterations", str(a.iterations), "--warmup", str(a.warmup), "--workdir", workdir,
+               "--device", a.device] + (["--default-network"] if a.default_network else [])
+        proc = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            print(f"{t} FAILED\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results[t] = json.loads(line[0][7:])
+    base = results.get(BASELINE)
+    if base is None:
+        sys.exit("the baseline nnUNetTrainer failed; no ratios")
+    print(f"# device={a.device} iterations={a.iterations} dataset={dataset} "
+          f"plans={plans_name(a.default_network)} baseline: {base['seconds_per_iteration']:.3f} s/it, "
+          f"{base['memory_mb']:.0f} MB, {base['parameters']} parameters")
+    for t in trainers:
+        if t not in results:
+            continue
+        r = results[t]
+        r["time_ratio"] = r["seconds_per_iteration"] / base["seconds_per_iteration"]
+        r["memory_ratio"] = r["memory_mb"] / base["memory_mb"] if base["memory_mb"] > 0 else float("nan")
+        print(f"{t} time_ratio={r['time_ratio']:.2f} memory_ratio={r['memory_ratio']:.2f} "
+              f"({r['seconds_per_iteration']:.3f} s/it, {r['memory_mb']:.0f} MB, {r['parameters']} parameters)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2)
+    if len(results) != len(trainers):
+        sys.exit(1)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
