@@ -117,7 +117,9 @@ def test_add_classes_extends_a_trained_model(tiny_scenario, tmp_path):
     proc = _cli("nnUNetv2_cimis_add_classes", "-m", model, "-d", 950, "-o", 951)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert summary["labels"] == {"background": 0, "liver": 1, "spleen": 2, "aorta": 3, "pancreas": 4}
+    with open(os.path.join(env["nnUNet_raw"], steps[0], "dataset.json")) as f:
+        old = json.load(f)["labels"]
+    assert summary["labels"] == dict(old, aorta=3, pancreas=4)
     train(summary["dataset"], "nnUNetTrainerFT", env)
     assert os.path.isfile(os.path.join(model_folder(env, summary["dataset"], "nnUNetTrainerFT"), "step_memory.pth"))
     # overlapping labels are refused, and nothing is left behind

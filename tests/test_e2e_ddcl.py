@@ -124,6 +124,26 @@ def test_resume_restores_head_queue_and_cache(ddcl_run):
         assert trainer.synthetic_images.shape[0] == 4
         after = {f: os.path.getmtime(os.path.join(saved["synthetic_cache_folder"], f)) for f in before}
         assert before == after  # reused, not resampled
+
+        # one training iteration: the synthetic image joins the batch, the teacher sees it, the loss is finite
+        seen = {}
+        original = trainer.compute_loss
+
+        def spy(output, target, ctx):
+            seen["student"], seen["teacher"] = output[0].shape[0], ctx.teacher_output[0].shape[0]
+            seen["target"] = target[0].shape[0]
+            return original(output, target, ctx)
+
+        trainer.compute_loss = spy
+        scales = trainer._get_deep_supervision_scales()
+        target = [torch.zeros(2, 1, round(64 * s[0]), round(64 * s[1])) for s in scales]
+        for t in target:
+            t[:, :, : t.shape[2] // 2] = 4  # a new class
+        queued = int(trainer.queue.count.sum())
+        out = trainer.train_step({"data": torch.randn(2, 3, 64, 64), "target": target})
+        assert seen == {"student": 3, "teacher": 3, "target": 3}
+        assert float(out["loss"]) == float(out["loss"])  # not NaN
+        assert int(trainer.queue.count.sum()) > queued or int(trainer.queue.count.sum()) == trainer.queue.count.numel() * HPARAMS["contrast_queue_size"]
     finally:
         os.environ.clear()
         os.environ.update(old)

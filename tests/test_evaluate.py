@@ -130,3 +130,40 @@ def test_score_folder_in_process_matches_compute_metrics_on_folder(tmp_path):
     assert a["metric_per_case"][0]["metrics"][1]["Dice"] == pytest.approx(dice)
     assert a_json == b_json
     assert math.isnan(a["metric_per_case"][0]["metrics"][3]["Dice"])  # absent in both
+
+
+@pytest.mark.e2e
+def test_evaluate_tiny_scenario_end_to_end(tiny_scenario, tmp_path):
+    """Real models (2 training iterations each) through nnU-Net's predictor and evaluation: the in-process path
+    (num_processes=0) and the command with worker processes (-np 1) give the same scores."""
+    import warnings
+
+    from e2e_utils import CONFIGURATION, PLANS as TINY_PLANS, model_folder, train
+    env, steps, joint = tiny_scenario["env"], tiny_scenario["step_datasets"], tiny_scenario["joint_dataset"]
+    for dataset, trainer in ((steps[1], "nnUNetTrainerFT"), (joint, "nnUNetTrainerJoint")):
+        if not os.path.isfile(os.path.join(model_folder(env, dataset, trainer), "checkpoint_final.pth")):
+            train(dataset, trainer, env)
+    step2_missing = not os.path.isfile(os.path.join(model_folder(env, steps[2], "nnUNetTrainerFT"),
+                                                    "checkpoint_final.pth"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = ev.evaluate_scenario(steps[2], CONFIGURATION, TINY_PLANS, 0, ["nnUNetTrainerFT"], str(tmp_path / "a"),
+                                 num_processes=0)
+    assert a["evaluated"]["nnUNetTrainerJoint"] == [0, 1, 2]
+    assert a["evaluated"]["nnUNetTrainerFT"][:2] == [0, 1]
+    if step2_missing:
+        assert any("Step2/nnUNetTrainerFT__" in str(w.message) for w in caught)
+        assert len(a["missing_models"]) == 1
+    labels = json.load(open(os.path.join(tiny_scenario["env"]["nnUNet_raw"], steps[0], "test_set.json")))["labels"]
+    assert set(a["per_class_dice"]["nnUNetTrainerJoint"]["2"]) == set(labels) - {"background"}
+    for v in a["per_class_dice"]["nnUNetTrainerFT"]["1"].values():
+        assert v is None or 0.0 <= v <= 1.0
+    # the step-0 rows of FT come from the step-0 model, predicted into predictions/<step0>__nnUNetTrainerFT
+    pred_dir = tmp_path / "a" / "predictions" / f"{steps[0]}__nnUNetTrainerFT"
+    assert len([f for f in os.listdir(pred_dir) if f.endswith(".nii.gz")]) == len(a["test_cases"])
+    # the command, with worker processes: same scores
+    ev.main(["-d", steps[0], "-c", CONFIGURATION, "-p", TINY_PLANS, "-f", "0", "-tr", "nnUNetTrainerFT",
+             "-o", str(tmp_path / "b"), "-np", "1"])
+    b = json.load(open(tmp_path / "b" / "summary.json"))
+    assert b["per_class_dice"] == a["per_class_dice"]
+    assert b["bwt"] == a["bwt"]

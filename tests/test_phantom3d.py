@@ -70,15 +70,18 @@ def test_intensities_in_plausible_ranges():
     # air outside the body, organs at their nominal HU without noise
     assert img[0, 0, 0] == pytest.approx(abdominal3d.AIR_HU)
     for name, value in labels.items():
-        if name in ("background", "stomach"):
+        if name in ("background", "stomach", "liver"):
             continue
         np.testing.assert_allclose(img[lab == value], abdominal3d.ORGAN_HU[name])
+    liver_values = img[lab == labels["liver"]]
+    assert set(np.unique(liver_values)) == {abdominal3d.ORGAN_HU["liver"], abdominal3d.LIVER_VESSEL_HU}
+    assert 0.01 < np.mean(liver_values == abdominal3d.LIVER_VESSEL_HU) < 0.2  # vessels: a small share
     stomach = img[lab == labels["stomach"]]
     assert set(np.unique(stomach)) == {abdominal3d.AIR_HU_STOMACH, abdominal3d.ORGAN_HU["stomach"]}
     img_n, lab_n, _ = make_abdominal_case((48, 48, 48), seed=0, case_index=0, noise_std=10.0)
     np.testing.assert_array_equal(lab, lab_n)
-    liver = img_n[lab == labels["liver"]]
-    assert abs(liver.mean() - 60.0) < 3.0 and 7.0 < liver.std() < 13.0
+    spleen = img_n[lab == labels["spleen"]]
+    assert abs(spleen.mean() - abdominal3d.ORGAN_HU["spleen"]) < 3.0 and 8.0 < spleen.std() < 12.0
     assert img_n.min() > -1100 and img_n.max() < 500
 
 

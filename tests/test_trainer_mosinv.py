@@ -141,6 +141,29 @@ def test_extend_step_memory_carries_conditioning_masks():
     assert "inversion_label_bank" not in other.extra
 
 
+def test_train_start_checks_patch_size_and_skips_synthesis_without_replay():
+    from types import SimpleNamespace
+
+    from nnunetv2_cimis.errors import CIMISError
+
+    tr = stub_trainer(synthetic_ratio=0.0)
+    logged = []
+    tr.print_to_log_file = lambda *a: logged.append(" ".join(map(str, a)))
+    tr.batch_size = 2
+    tr.configuration_manager = SimpleNamespace(patch_size=[8, 8, 8])
+    tr.teacher_memory = StepMemory(labels={0: "bg", 1: "a"}, prototype_tap="x", prototypes=torch.zeros(2, 2),
+                                   prototype_counts=torch.zeros(2), patch_size=[8, 8, 8])
+    tr.on_incremental_train_start()  # ratio 0: no teacher checkpoint needed, nothing synthesised
+    assert getattr(tr, "synthetic_images", None) is None
+    assert any("no synthesis" in line for line in logged)
+    tr.teacher_memory.patch_size = [16, 16, 16]
+    with pytest.raises(CIMISError, match="patch size"):
+        tr.on_incremental_train_start()
+    tr.teacher_memory = None
+    with pytest.raises(CIMISError, match="step memory"):
+        tr.on_incremental_train_start()
+
+
 def test_hyperparameters_cover_the_method():
     hp = nnUNetTrainerMOSInv.default_hyperparameters
     assert hp["inversion_iterations"] == 2000 and hp["inversion_lr"] == 0.1

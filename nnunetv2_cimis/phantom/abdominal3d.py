@@ -4,18 +4,22 @@ Each case is a body (subcutaneous fat ring around a mixed fat/bowel interior, a 
 muscles) in air, holding up to eight organ-like structures with plausible CT intensities, positions and
 sizes:
 
-=============  =========  ==========================================================
-label          HU (mean)  shape and place
-=============  =========  ==========================================================
-liver          60         two deformed ellipsoids (right lobe, left lobe), right, upper
-stomach        15 / -800  fluid-filled deformed ellipsoid with an anterior air cap, left, anterior
-spleen         45         rotated deformed ellipsoid, left, posterior, upper
-aorta          150        contrast-filled tube along the cranio-caudal axis, left of the spine
-kidney_right   30         ellipsoid, right paravertebral, slightly lower than the left
-kidney_left    30         ellipsoid, left paravertebral
-pancreas       40         thin rotated ellipsoid across the midline
-gallbladder    10         small ellipsoid under the liver, right, anterior
-=============  =========  ==========================================================
+=============  ==========  ==========================================================
+label          HU          shape and place (portal-venous phase contrast)
+=============  ==========  ==========================================================
+liver          100 / 180   two deformed ellipsoids (right lobe, left lobe), right, upper; contrast-filled
+                           vessel branches (180) inside, part of the label as in real data
+stomach        10 / -800   fluid-filled deformed ellipsoid with an anterior air cap, left, anterior
+spleen         125         rotated deformed ellipsoid, left, posterior, upper
+aorta          200         contrast-filled tube along the cranio-caudal axis, left of the spine
+kidney_right   150         ellipsoid (enhancing cortex), right paravertebral, lower than the left
+kidney_left    150         ellipsoid, left paravertebral
+pancreas       80          thin rotated ellipsoid across the midline
+gallbladder    5           small ellipsoid under the liver, right, anterior
+=============  ==========  ==========================================================
+
+Around them: air (-1000), subcutaneous fat (-100), a fat/bowel interior (-60 with a smooth texture),
+paraspinal muscle (55) and a vertebral body (400).
 
 Every case varies: a global scale, rotation about the cranio-caudal axis and translation, and per organ a
 centre jitter, radius scale, orientation jitter and a low-frequency boundary deformation. Gaussian noise is
@@ -53,10 +57,10 @@ LABEL_PRIORITY: Tuple[str, ...] = ("aorta", "gallbladder", "kidney_right", "kidn
                                    "spleen", "stomach", "liver")
 
 #: Mean CT intensity (HU) of each organ (stomach: its fluid content; the air cap is AIR_HU_STOMACH).
-ORGAN_HU: Dict[str, float] = {"liver": 100.0, "spleen": 125.0, "kidney_right": 160.0, "kidney_left": 160.0,
-                              "aorta": 180.0, "stomach": 10.0, "pancreas": 80.0, "gallbladder": 5.0}
+ORGAN_HU: Dict[str, float] = {"liver": 100.0, "spleen": 125.0, "kidney_right": 150.0, "kidney_left": 150.0,
+                              "aorta": 200.0, "stomach": 10.0, "pancreas": 80.0, "gallbladder": 5.0}
 #: Contrast-filled intrahepatic vessels (portal / hepatic veins), part of the liver label as in real data.
-LIVER_VESSEL_HU = 170.0
+LIVER_VESSEL_HU = 180.0
 AIR_HU = -1000.0
 AIR_HU_STOMACH = -800.0
 SUBCUTANEOUS_FAT_HU = -100.0
@@ -126,7 +130,7 @@ def _grid(shape: Sequence[int]) -> np.ndarray:
 
 
 def make_abdominal_case(shape: Sequence[int] = (32, 32, 32), seed: int = 0, case_index: int = 0,
-                        organs: Optional[Sequence[str]] = None, noise_std: float = 10.0,
+                        organs: Optional[Sequence[str]] = None, noise_std: float = 8.0,
                         deformation: float = 0.15) -> Tuple[np.ndarray, np.ndarray, Dict[str, int]]:
     """Generate one phantom case in memory.
 
@@ -170,7 +174,7 @@ def make_abdominal_case(shape: Sequence[int] = (32, 32, 32), seed: int = 0, case
     # interior: fat/bowel mixture with a smooth texture
     texture = np.sin(6.0 * x + rng.uniform(0, 6.3)) * np.sin(5.0 * y + rng.uniform(0, 6.3)) * \
         np.sin(4.0 * z + rng.uniform(0, 6.3))
-    image[interior] = INTERIOR_HU + 25.0 * texture[interior]
+    image[interior] = INTERIOR_HU + 10.0 * texture[interior]
     (sx, sy), sr = _SPINE
     spine_d = np.sqrt((x - sx) ** 2 + (y - sy) ** 2)
     muscle = interior & (np.sqrt((np.abs(x - sx) - 0.2) ** 2 / 0.9 + (y - sy - 0.05) ** 2) <= 0.13)
@@ -236,7 +240,7 @@ def write_abdominal_phantom(raw_folder: str, dataset_id: int, num_cases: int,
                             shape: Sequence[int] = (32, 32, 32),
                             spacing: Sequence[float] = (1.5, 1.5, 1.5), seed: int = 0,
                             dataset_name: str = "AbdominalPhantom",
-                            organs: Optional[Sequence[str]] = None, noise_std: float = 10.0,
+                            organs: Optional[Sequence[str]] = None, noise_std: float = 8.0,
                             deformation: float = 0.15, overwrite: bool = False) -> str:
     """Write ``num_cases`` phantom cases as the nnU-Net raw dataset ``Dataset<ID>_<dataset_name>``.
 

@@ -10,9 +10,11 @@ The model's step memory is computed from its training data if missing and that d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import sys
 from typing import List, Optional, Sequence
 
 import torch
@@ -154,6 +156,8 @@ def main(argv=None):
     p.add_argument("--no-teacher-memory", action="store_true",
                    help="do not compute the model's step memory when it is missing")
     a = p.parse_args(argv)
-    summary = add_classes(a.model, a.dataset, a.output_id, a.fold, a.classes, a.name, a.num_processes,
-                          not a.no_teacher_memory)
+    # nnU-Net's planning and preprocessing talk on stdout; keep stdout for the JSON summary
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = add_classes(a.model, a.dataset, a.output_id, a.fold, a.classes, a.name, a.num_processes,
+                              not a.no_teacher_memory)
     print(json.dumps(summary, indent=2))

@@ -9,9 +9,11 @@ each is preprocessed with them, so teacher and student always share one architec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import sys
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -240,7 +242,9 @@ def main(argv=None):
     p.add_argument("-np", "--num-processes", type=int, default=1)
     p.add_argument("--no-preprocess", action="store_true", help="write the raw datasets only")
     a = p.parse_args(argv)
-    summary = make_scenario(a.source, a.scenario, a.ids, a.joint_id, a.test_fraction, a.seed, a.name,
-                            a.configuration, a.planner, a.plans_name, a.features_per_stage, a.step0_trainer,
-                            a.num_processes, not a.no_preprocess)
+    # nnU-Net's planning and preprocessing talk on stdout; keep stdout for the JSON summary
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = make_scenario(a.source, a.scenario, a.ids, a.joint_id, a.test_fraction, a.seed, a.name,
+                                a.configuration, a.planner, a.plans_name, a.features_per_stage, a.step0_trainer,
+                                a.num_processes, not a.no_preprocess)
     print(json.dumps(summary, indent=2))

@@ -448,7 +448,11 @@ def _first_output(out):
 
 
 def _per_volume_stats(stats_loss: FeatureStatisticsLoss, recorded, b: int) -> List[float]:
-    return [float(stats_loss({n: (m[i:i + 1].detach(), v[i:i + 1].detach()) for n, (m, v) in recorded.items()})) for i in range(b)]
+    out = []
+    for i in range(b):
+        one = {n: (m[i:i + 1].detach(), v[i:i + 1].detach()) for n, (m, v) in recorded.items()}
+        out.append(float(stats_loss(one)))
+    return out
 
 
 def invert(network: nn.Module, masks: torch.Tensor, target_stats: Mapping[str, Mapping[str, torch.Tensor]],
@@ -668,6 +672,10 @@ def synthesize_set(network: nn.Module, memory, num_input_channels: int, output_f
         raise ValueError("the step memory's label bank is empty: no mask to condition on")
     if num_classes is None:
         num_classes = max(memory.labels) + 1
+    shapes = {tuple(sanitize_mask(m, 1).shape) for m in masks}
+    if len(shapes) > 1:
+        raise ValueError(f"the conditioning masks have different shapes {sorted(shapes)}; every step must use the "
+                         f"plans (patch size) of the first step")
     if device is None:
         p = next(network.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")

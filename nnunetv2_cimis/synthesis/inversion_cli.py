@@ -121,6 +121,8 @@ def _resolve_checkpoint(args) -> str:
         except (RuntimeError, ValueError) as e:
             raise CIMISError(f"Unknown dataset {args.dataset!r}: {e}") from None
         model_folder = model_folder_for(nnUNet_results.get(), dataset, args.trainer, args.plans, args.configuration)
+    if args.fold != "all" and not str(args.fold).isdigit():
+        raise CIMISError(f"-f must be a fold number or 'all', got {args.fold!r}")
     fold = args.fold if args.fold == "all" else int(args.fold)
     ckpt = os.path.join(model_folder, f"fold_{fold}", args.checkpoint)
     if not os.path.isfile(ckpt):

@@ -50,6 +50,9 @@ diffusion_batch_size               16              choice
 diffusion_learning_rate            0.001           choice
 diffusion_crops_per_case           8               choice: training crops taken from each case
 diffusion_sampling_steps           25              choice: DDIM steps
+diffusion_prediction_type          "sample"        choice: the DDPM predicts the clean image; at a few
+                                                   hundred CPU iterations this gives coherent images
+                                                   where noise prediction ("epsilon") gives noise
 diffusion_seed                     0               choice
 missing_replay_model               "error"         "error": stop when the teacher left no diffusion
                                                    model; "skip": train without replay;
@@ -146,7 +149,7 @@ class nnUNetTrainerDDCL(nnUNetTrainerIncremental):
         "synthetic_per_batch": 1, "num_synthetic": 64,
         "diffusion_image_size": 32, "diffusion_channels": [32, 64], "diffusion_train_iterations": 200,
         "diffusion_batch_size": 16, "diffusion_learning_rate": 1e-3, "diffusion_crops_per_case": 8,
-        "diffusion_sampling_steps": 25, "diffusion_seed": 0,
+        "diffusion_sampling_steps": 25, "diffusion_prediction_type": "sample", "diffusion_seed": 0,
         "missing_replay_model": "error",
     }
 
@@ -191,6 +194,7 @@ class nnUNetTrainerDDCL(nnUNetTrainerIncremental):
                                    batch_size=int(self.hp["diffusion_batch_size"]),
                                    learning_rate=float(self.hp["diffusion_learning_rate"]),
                                    sampling_steps=int(self.hp["diffusion_sampling_steps"]),
+                                   prediction_type=str(self.hp["diffusion_prediction_type"]),
                                    seed=int(self.hp["diffusion_seed"]))
         except (ValueError, TypeError) as e:
             raise CIMISError(f"bad diffusion hyperparameters: {e}") from None

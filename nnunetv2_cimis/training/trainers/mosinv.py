@@ -30,28 +30,28 @@ step.
 
 Hyperparameters (``nnUNet_cimis_hparams``); "[known]" from the paper / first author's code, "choice" = [open]:
 
-=========================  ========  ===========================================================================
-name                       default   status
-=========================  ========  ===========================================================================
-num_synthetic              32        choice: number of synthetic volumes per step
-inversion_iterations       2000      [known] (use ~20 for tests / demo)
-inversion_lr               0.1       [known] Adam learning rate
-inversion_lr_schedule      "poly"    [known] first author's code (poly, power 0.9); "constant" switches it off
-inversion_batch_size       2         choice (first author's code: 2): volumes optimised together
-dice_weight                1.0       [known] Dice term of the inversion
-stats_weight               1.0       [known] feature-statistics term of the inversion
-first_layer_weight         10.0      [known] first normalisation layer x10
-tv_l1_weight               2.5e-5    [known]
-tv_l2_weight               3e-8      [known]
-mask_augmentation          true      [known] flips + elastic + affine on the conditioning masks (values choice)
-synthesis_seed             0         choice
-synthetic_folder           ""        a set made beforehand with nnUNetv2_cimis_synthesize
-synthetic_ratio            0.5       choice: synthetic volumes per real volume in a batch (0 = no replay)
-kd_weight                  10.0      choice: weight of the KD on synthetic volumes
-synthetic_seg_weight       1.0       choice: Dice+CE of the student against the teacher's labels
-real_loss                  "unbiased" choice: "unbiased" (MiB) or "dice_ce" (nnU-Net) on the real data
-carried_masks_max          64        choice: conditioning masks carried to the next step's memory
-=========================  ========  ===========================================================================
+=========================  ==========  ===========================================================================
+name                       default     status
+=========================  ==========  ===========================================================================
+num_synthetic              32          choice: number of synthetic volumes per step
+inversion_iterations       2000        [known] (use ~20 for tests / demo)
+inversion_lr               0.1         [known] Adam learning rate
+inversion_lr_schedule      "poly"      [known] first author's code (poly, power 0.9); "constant" switches it off
+inversion_batch_size       2           choice (first author's code: 2): volumes optimised together
+dice_weight                1.0         [known] Dice term of the inversion
+stats_weight               1.0         [known] feature-statistics term of the inversion
+first_layer_weight         10.0        [known] first normalisation layer x10
+tv_l1_weight               2.5e-5      [known]
+tv_l2_weight               3e-8        [known]
+mask_augmentation          true        [known] flips + elastic + affine on the conditioning masks (values choice)
+synthesis_seed             0           choice
+synthetic_folder           ""          a set made beforehand with nnUNetv2_cimis_synthesize
+synthetic_ratio            0.5         choice: synthetic volumes per real volume in a batch (0 = no replay)
+kd_weight                  10.0        choice: weight of the KD on synthetic volumes
+synthetic_seg_weight       1.0         choice: Dice+CE of the student against the teacher's labels
+real_loss                  "unbiased"  choice: "unbiased" (MiB) or "dice_ce" (nnU-Net) on the real data
+carried_masks_max          64          choice: conditioning masks carried to the next step's memory
+=========================  ==========  ===========================================================================
 """
 from __future__ import annotations
 
@@ -151,15 +151,16 @@ class nnUNetTrainerMOSInv(nnUNetTrainerIncremental):
                                  f"Make one with `nnUNetv2_cimis_synthesize -m {self.teacher_info.model_folder} "
                                  f"-f {self.fold} -o {explicit}` or leave synthetic_folder empty.")
             return explicit
-        candidates = [os.path.join(os.path.dirname(ckpt), DEFAULT_SUBFOLDER)]
+        own = os.path.join(self.output_folder, DEFAULT_SUBFOLDER)
+        candidates = [os.path.join(os.path.dirname(ckpt), DEFAULT_SUBFOLDER), own]
         if self.synthetic_folder:  # from the checkpoint (--c)
             candidates.insert(0, self.synthetic_folder)
         for folder in candidates:
             if self._usable_set(folder, fingerprint, n):
                 self.print_to_log_file(f"MOSInversion: reusing the synthetic set {folder}")
                 return folder
-        own = os.path.join(self.output_folder, DEFAULT_SUBFOLDER)
-        aug = MaskAugmentation() if self.hp["mask_augmentation"] else MaskAugmentation(p_flip=0, p_elastic=0, p_rotation=0, p_scale=0)
+        aug = MaskAugmentation() if self.hp["mask_augmentation"] else \
+            MaskAugmentation(p_flip=0, p_elastic=0, p_rotation=0, p_scale=0)
         self.print_to_log_file(f"MOSInversion: synthesising {n} volumes into {own}")
         synthesize_from_teacher(ckpt, self.teacher, self.teacher_memory, self.num_input_channels, own, n,
                                 self.inversion_config(), batch_size=int(self.hp["inversion_batch_size"]),
@@ -175,6 +176,9 @@ class nnUNetTrainerMOSInv(nnUNetTrainerIncremental):
         if memory.patch_size and list(memory.patch_size) != patch:
             raise CIMISError(f"The teacher's step memory has patch size {memory.patch_size} but this step trains "
                              f"with {patch}: use the plans of the first step for every step.")
+        if self._synthetic_per_batch(self.batch_size) == 0:
+            self.print_to_log_file("MOSInversion: synthetic_ratio is 0, no synthesis and no replay")
+            return
         if self.is_ddp and self.local_rank != 0:
             torch.distributed.barrier()  # rank 0 synthesises; the others then find its set and reuse it
         folder = self._find_or_make_synthetic_set()
