@@ -64,7 +64,8 @@ def per_class_dice(case_dice: CaseDice) -> PerClass:
             for tr, by_step in case_dice.items()}
 
 
-def step_means(per_class: PerClass, classes_per_step: Sequence[Sequence[int]]) -> Dict[str, Dict[int, Dict[str, float]]]:
+def step_means(per_class: PerClass,
+               classes_per_step: Sequence[Sequence[int]]) -> Dict[str, Dict[int, Dict[str, float]]]:
     """``{trainer: {step: {"old": ..., "new": ..., "all": ...}}}`` from per-class Dice (see module docstring)."""
     learned_at(classes_per_step)  # validates
     out: Dict[str, Dict[int, Dict[str, float]]] = {}

@@ -16,7 +16,7 @@ import csv
 import json
 import math
 import os
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 from nnunetv2_cimis.errors import CIMISError
 from nnunetv2_cimis.evaluation import continual_metrics as cm

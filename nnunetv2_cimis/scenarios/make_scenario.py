@@ -14,15 +14,16 @@ import json
 import os
 import shutil
 import sys
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, dataset_id_taken,
                                                dataset_name, load_raw_dataset, plain_labels, remap, require_env,
-                                               write_label_dataset)
-from nnunetv2_cimis.scenarios.scenario import parse_scenario, scenario_label
+                                               staged_folder, write_label_dataset)
+from nnunetv2_cimis.scenarios.scenario import load_sequences, parse_scenario, scenario_label
 from nnunetv2_cimis.scenarios.step_metadata import METADATA_KEY, make_metadata
 
 TEST_SET_FILENAME = "test_set.json"
@@ -117,24 +118,102 @@ def plan_and_preprocess(step0_id: int, other_ids: Sequence[int], configuration: 
         preprocess_dataset(d, plans_name, [configuration], [num_processes], verbose=False, show_progress_bar=False)
 
 
-def make_scenario(source: str, scenario: str, step_ids: Sequence[int], joint_id: Optional[int] = None,
+@dataclass
+class _Source:
+    name: str
+    json: dict
+    labels: Dict[str, int]
+    cases: Dict[str, dict]
+    io: SegmentationIO
+    prefix: str = ""
+
+
+def _load_source(dataset: str) -> _Source:
+    name = dataset_name(dataset)
+    _, dataset_json, cases = load_raw_dataset(name)
+    first = cases[sorted(cases)[0]]
+    source = _Source(name, dataset_json, plain_labels(dataset_json, name), cases,
+                     SegmentationIO(dataset_json, first["images"][0]))
+    for c in sorted(cases):
+        check_images_readable(source.io, cases[c]["images"][:1])
+    return source
+
+
+def resolve_steps(scenario: str, sources: List[_Source]) -> List[Tuple[int, List[Tuple[str, str]]]]:
+    """Steps as (source index, [(class name in the source, global class name)]).
+
+    One source: any single-dataset scenario (see :func:`parse_scenario`). Several sources: a dataset sequence
+    from ``presets/sequences.json``; its datasets are matched, in order of first appearance, to the sources.
+    """
+    sequences = load_sequences()
+    if scenario.strip().endswith(".json") and os.path.isfile(scenario.strip()):
+        with open(scenario.strip()) as f:
+            content = json.load(f)
+        if not isinstance(content, dict) or not isinstance(content.get("steps"), list):
+            raise CIMISError(f"{scenario} must hold {{\"steps\": [...]}}: lists of class names, or for a dataset "
+                             f"sequence objects {{\"dataset\", \"classes\", \"rename\"}}.")
+        if all(isinstance(st, list) for st in content["steps"]):
+            scenario = json.dumps(content["steps"])
+        else:
+            sequences = {scenario.strip(): content}
+    if len(sources) == 1 and scenario.strip() not in sequences:
+        src = sources[0]
+        fg = [n for n, v in sorted(src.labels.items(), key=lambda kv: kv[1]) if v != 0]
+        return [(0, [(c, c) for c in g]) for g in parse_scenario(scenario, fg)]
+    if scenario.strip() not in sequences:
+        raise CIMISError(f"Several source datasets need a dataset-sequence scenario; {scenario!r} is not one. Known "
+                         f"sequences: {', '.join(sorted(sequences)) or 'none'}.")
+    spec = sequences[scenario.strip()]["steps"]
+    aliases = list(dict.fromkeys(step["dataset"] for step in spec))
+    if len(aliases) != len(sources):
+        raise CIMISError(f"Sequence {scenario!r} uses {len(aliases)} datasets ({', '.join(aliases)}) but "
+                         f"{len(sources)} sources were given; give them in that order with -d.")
+    steps, seen = [], set()
+    for t, step in enumerate(spec):
+        k = aliases.index(step["dataset"])
+        src = sources[k]
+        rename = step.get("rename", {})
+        pairs = []
+        for c in step["classes"]:
+            if c not in src.labels or c == "background":
+                raise CIMISError(f"Step {t} of {scenario!r} takes class {c!r} from {src.name}, which has no such "
+                                 f"label (it has {', '.join(n for n in src.labels if n != 'background')}). Is "
+                                 f"{src.name} the {step['dataset']} dataset?")
+            g = rename.get(c, c)
+            if g in seen:
+                raise CIMISError(f"Class {g!r} is learned twice in {scenario!r}; each class is new at one step.")
+            seen.add(g)
+            pairs.append((c, g))
+        steps.append((k, pairs))
+    return steps
+
+
+def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Optional[int] = None,
                   test_fraction: float = 0.2, seed: int = 0, name: Optional[str] = None,
                   configuration: str = "3d_fullres", planner: str = "ExperimentPlanner",
                   plans_name: str = "nnUNetPlans", features_per_stage: Optional[Sequence[int]] = None,
                   step0_trainer: str = "nnUNetTrainerFT", num_processes: int = 1, preprocess: bool = True) -> dict:
     """Create the step datasets, the joint dataset and the test set of a scenario (see module docstring).
 
-    Returns a summary dict (dataset names, classes per step, case counts). On any error every folder it
-    created is removed again.
+    ``source`` is one dataset (id or name) or, for a dataset sequence, a list of them. Returns a summary dict
+    (dataset names, classes per step, case counts). On any error every folder it created is removed again.
     """
     raw_root = require_env("nnUNet_raw")
-    src_name = dataset_name(source)
-    src_folder, src_json, cases = load_raw_dataset(src_name)
-    src_labels = plain_labels(src_json, src_name)
-    fg_names = [n for n, v in sorted(src_labels.items(), key=lambda kv: kv[1]) if v != 0]
-    groups = parse_scenario(scenario, fg_names)
-    if len(step_ids) != len(groups):
-        raise CIMISError(f"The scenario has {len(groups)} steps but {len(step_ids)} target dataset ids were given "
+    source_list = [source] if isinstance(source, (str, int)) else list(source)
+    sources = [_load_source(str(s)) for s in source_list]
+    if len({s.name for s in sources}) != len(sources):
+        raise CIMISError("The same source dataset is given twice.")
+    steps = resolve_steps(scenario, sources)
+    if len(sources) > 1:
+        channels = {len(s.json["channel_names"]) for s in sources}
+        if len(channels) > 1:
+            raise CIMISError(f"The source datasets have different numbers of input channels ({sorted(channels)}); "
+                             f"one network cannot take them all.")
+        for k, s in enumerate(sources):
+            s.prefix = f"s{k}_"
+    groups = [[g for _, g in pairs] for _, pairs in steps]
+    if len(step_ids) != len(steps):
+        raise CIMISError(f"The scenario has {len(steps)} steps but {len(step_ids)} target dataset ids were given "
                          f"(--ids); give one id per step.")
     joint_id = joint_id if joint_id is not None else max(step_ids) + 1
     all_ids = list(step_ids) + [joint_id]
@@ -146,27 +225,35 @@ def make_scenario(source: str, scenario: str, step_ids: Sequence[int], joint_id:
         taken = dataset_id_taken(i)
         if taken:
             raise CIMISError(f"Dataset id {i} is already used by {taken}; choose free ids.")
-    base_name = name or src_name.split("_", 1)[1]
+    base_name = name or (sources[0].name.split("_", 1)[1] if len(sources) == 1 else "Sequence")
     names = [f"Dataset{i:03d}_{base_name}Step{t}" for t, i in enumerate(step_ids)]
     joint_name = f"Dataset{joint_id:03d}_{base_name}Joint"
-    global_value = {c: k + 1 for k, c in enumerate(c for g in groups for c in g)}
-    classes_per_step = [[global_value[c] for c in g] for g in groups]
-    known = list(src_labels.values())
-    subsets, test_cases = split_cases(list(cases), len(groups), test_fraction, seed)
+    global_value = {g: k + 1 for k, g in enumerate(g for grp in groups for g in grp)}
+    classes_per_step = [[global_value[g] for g in grp] for grp in groups]
+    label_values_all = {"background": 0, **global_value}
 
-    first_case = cases[sorted(cases)[0]]
-    io = SegmentationIO(src_json, first_case["images"][0])
-    for c in sorted(cases):
-        check_images_readable(io, cases[c]["images"][:1])
+    # patients: per source, a held-out test set and disjoint subsets for the steps that use the source
+    subsets: List[List[str]] = [[] for _ in steps]
+    test_cases: Dict[int, List[str]] = {}
+    for k, src in enumerate(sources):
+        users = [t for t, (sk, _) in enumerate(steps) if sk == k]
+        parts, test_cases[k] = split_cases(list(src.cases), len(users), test_fraction, seed)
+        for t, part in zip(users, parts):
+            subsets[t] = part
+    # per source, the classes it annotates in the scenario (joint dataset and test set)
+    source_mapping = {k: {src.labels[c]: global_value[g] for sk, pairs in steps if sk == k for c, g in pairs}
+                      for k, src in enumerate(sources)}
+
+    def entries(k: int, case_ids: Sequence[str]) -> Dict[str, dict]:
+        return {sources[k].prefix + c: sources[k].cases[c] for c in case_ids}
 
     created: List[str] = []
-    label_values_all = {"background": 0, **{c: global_value[c] for g in groups for c in g}}
     try:
         step0_folder = os.path.join(raw_root, names[0])
         test_json_path = os.path.join(step0_folder, TEST_SET_FILENAME)
-        for t, (g, subset) in enumerate(zip(groups, subsets)):
-            labels = {"background": 0, **{c: global_value[c] for gg in groups[:t + 1] for c in gg}}
-            mapping = {src_labels[c]: global_value[c] for c in g}
+        for t, ((k, pairs), subset) in enumerate(zip(steps, subsets)):
+            src = sources[k]
+            labels = {"background": 0, **{g: global_value[g] for grp in groups[:t + 1] for g in grp}}
             teacher = None
             if t == 1:
                 teacher = {"dataset": names[0], "trainer": step0_trainer, "same_trainer_as_student": False}
@@ -175,25 +262,26 @@ def make_scenario(source: str, scenario: str, step_ids: Sequence[int], joint_id:
             meta = make_metadata(scenario_label(scenario, groups), t, classes_per_step, teacher, names, joint_name,
                                  test_json_path, names[0])
             meta["class_names_per_step"] = groups
-            meta["source_dataset"] = src_name
+            meta["source_dataset"] = src.name
             folder = os.path.join(raw_root, names[t])
             created.append(folder)
-            write_label_dataset(folder, src_json, {c: cases[c] for c in subset}, labels, mapping, known, io,
-                                extra={METADATA_KEY: meta})
+            write_label_dataset(folder, src.json, entries(k, subset), labels,
+                                {src.labels[c]: global_value[g] for c, g in pairs}, list(src.labels.values()),
+                                src.io, extra={METADATA_KEY: meta})
         folder = os.path.join(raw_root, joint_name)
         created.append(folder)
-        write_label_dataset(folder, src_json, {c: cases[c] for s in subsets for c in s}, label_values_all,
-                            {src_labels[c]: global_value[c] for c in global_value}, known, io,
-                            extra={"cimis_joint": {"scenario": scenario_label(scenario, groups),
-                                                   "step_datasets": names, "source_dataset": src_name}})
-        _write_test_set(step0_folder, src_json, {c: cases[c] for c in test_cases}, label_values_all,
-                        {src_labels[c]: global_value[c] for c in global_value}, known, io)
+        _write_joint(folder, sources, steps, subsets, label_values_all, source_mapping,
+                     {"scenario": scenario_label(scenario, groups), "step_datasets": names,
+                      "source_datasets": [s.name for s in sources]})
+        _write_test_set(step0_folder, sources, test_cases, label_values_all, source_mapping)
         if preprocess:
             pre = require_env("nnUNet_preprocessed")
             created += [os.path.join(pre, n) for n in names + [joint_name]]
             plan_and_preprocess(step_ids[0], list(step_ids[1:]) + [joint_id], configuration, planner, plans_name,
                                 features_per_stage, num_processes)
-            for n, subset in zip(names + [joint_name], subsets + [[c for s in subsets for c in s]]):
+            joint_cases = [sources[k].prefix + c for t, (k, _) in enumerate(steps) for c in subsets[t]]
+            step_cases = [[sources[k].prefix + c for c in subsets[t]] for t, (k, _) in enumerate(steps)]
+            for n, subset in zip(names + [joint_name], step_cases + [joint_cases]):
                 write_splits(os.path.join(pre, n), subset)
     except BaseException:
         for folder in created:
@@ -201,31 +289,68 @@ def make_scenario(source: str, scenario: str, step_ids: Sequence[int], joint_id:
         raise
     return {"step_datasets": names, "joint_dataset": joint_name, "classes_per_step": groups,
             "global_labels": label_values_all, "cases_per_step": [len(s) for s in subsets],
-            "test_cases": len(test_cases), "plans": plans_name, "configuration": configuration}
+            "test_cases": sum(len(v) for v in test_cases.values()), "plans": plans_name,
+            "configuration": configuration, "sources": [s.name for s in sources]}
 
 
-def _write_test_set(step0_folder: str, src_json: dict, cases: Dict[str, dict], labels: Dict[str, int],
-                    mapping: Dict[int, int], known: Sequence[int], io: SegmentationIO) -> None:
-    """The held-out test set: all scenario classes, global values; images referenced, labels written."""
+def _write_joint(folder: str, sources: List[_Source], steps, subsets, labels: Dict[str, int],
+                 source_mapping: Dict[int, Dict[int, int]], note: dict) -> None:
+    """All training cases of every step with every scenario class their source annotates.
+
+    With one source that is every class. In a dataset sequence each source annotates only its own classes, so
+    the joint bound is trained with partial labels (other classes are background in those cases).
+    """
+    endings = {s.json["file_ending"] for s in sources}
+    if len(endings) > 1:
+        raise CIMISError(f"The source datasets use different file types {sorted(endings)}; the joint dataset needs "
+                         f"one. Convert them to one format (e.g. .nii.gz) first.")
+    with staged_folder(folder) as tmp:
+        os.makedirs(os.path.join(tmp, "labelsTr"))
+        dataset = {}
+        for t, (k, _) in enumerate(steps):
+            src = sources[k]
+            for c in subsets[t]:
+                seg, props = src.io.read(src.cases[c]["label"])
+                rel = f"labelsTr/{src.prefix}{c}{src.json['file_ending']}"
+                src.io.write(remap(seg, source_mapping[k], list(src.labels.values()), src.cases[c]["label"]),
+                             os.path.join(tmp, rel), props)
+                dataset[src.prefix + c] = {"images": [os.path.abspath(p) for p in src.cases[c]["images"]],
+                                           "label": rel}
+        base = sources[steps[0][0]].json
+        dataset_json = {k: v for k, v in base.items() if k not in ("dataset", "labels", "numTraining", "cimis")}
+        dataset_json.update({"labels": labels, "numTraining": len(dataset), "dataset": dataset, "cimis_joint": note})
+        with open(os.path.join(tmp, "dataset.json"), "w") as f:
+            json.dump(dataset_json, f, indent=2)
+
+
+def _write_test_set(step0_folder: str, sources: List[_Source], test_cases: Dict[int, List[str]],
+                    labels: Dict[str, int], source_mapping: Dict[int, Dict[int, int]]) -> None:
+    """The held-out test set: every scenario class its source annotates, global values; images referenced,
+    labels written. ``annotated_labels`` per case lists the classes its label map can be scored on."""
     out = os.path.join(step0_folder, "test_set", "labelsTs")
     os.makedirs(out, exist_ok=True)
     entries = {}
-    for case, files in sorted(cases.items()):
-        seg, props = io.read(files["label"])
-        path = os.path.join(out, case + src_json["file_ending"])
-        io.write(remap(seg, mapping, known, files["label"]), path, props)
-        entries[case] = {"images": [os.path.abspath(p) for p in files["images"]], "label": path}
+    for k, src in enumerate(sources):
+        for case in sorted(test_cases[k]):
+            files = src.cases[case]
+            seg, props = src.io.read(files["label"])
+            path = os.path.join(out, src.prefix + case + src.json["file_ending"])
+            src.io.write(remap(seg, source_mapping[k], list(src.labels.values()), files["label"]), path, props)
+            entries[src.prefix + case] = {"images": [os.path.abspath(p) for p in files["images"]], "label": path,
+                                          "annotated_labels": sorted(source_mapping[k].values())}
     with open(os.path.join(step0_folder, TEST_SET_FILENAME), "w") as f:
-        json.dump({"file_ending": src_json["file_ending"], "labels": labels,
-                   "channel_names": src_json["channel_names"], "cases": entries}, f, indent=2)
+        json.dump({"file_ending": sources[0].json["file_ending"], "labels": labels,
+                   "channel_names": sources[0].json["channel_names"], "cases": entries}, f, indent=2)
 
 
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-d", "--source", required=True, help="fully labelled source dataset (id or name)")
+    p.add_argument("-d", "--source", required=True, nargs="+",
+                   help="fully labelled source dataset (id or name); several for a dataset sequence")
     p.add_argument("-s", "--scenario", required=True,
-                   help="'4-4-5' (label order), 'a,b;c,d' (class names), or a preset such as 'btcv:4-4-5'")
+                   help="'4-4-5' (label order), 'a,b;c,d' (class names), a preset such as 'btcv:4-4-5', or a "
+                        "dataset sequence such as 'flare21-kits19-msd07' (with one -d per dataset)")
     p.add_argument("--ids", type=int, nargs="+", required=True, help="target dataset id of each step")
     p.add_argument("--joint-id", type=int, default=None, help="dataset id of the joint dataset (default: "
                                                                "last step id + 1)")
@@ -244,7 +369,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     # nnU-Net's planning and preprocessing talk on stdout; keep stdout for the JSON summary
     with contextlib.redirect_stdout(sys.stderr):
-        summary = make_scenario(a.source, a.scenario, a.ids, a.joint_id, a.test_fraction, a.seed, a.name,
+        summary = make_scenario(a.source if len(a.source) > 1 else a.source[0], a.scenario, a.ids, a.joint_id, a.test_fraction, a.seed, a.name,
                                 a.configuration, a.planner, a.plans_name, a.features_per_stage, a.step0_trainer,
                                 a.num_processes, not a.no_preprocess)
     print(json.dumps(summary, indent=2))

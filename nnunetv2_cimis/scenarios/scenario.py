@@ -36,6 +36,16 @@ def load_presets() -> Dict[str, dict]:
     return presets
 
 
+def load_sequences() -> Dict[str, dict]:
+    """Dataset-sequence presets (``presets/sequences.json``): name -> {"steps": [{"dataset", "classes",
+    "rename"}...], "description"}."""
+    path = os.path.join(PRESET_FOLDER, "sequences.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f).get("scenarios", {})
+
+
 def parse_scenario(spec: str, class_names: Sequence[str]) -> List[List[str]]:
     """Turn a scenario spec into class-name groups, one per step.
 
@@ -100,6 +110,8 @@ def validate_groups(groups: List[List[str]], names: Sequence[str], spec: str = "
 
 def scenario_label(spec: str, groups: List[List[str]]) -> str:
     """A short name for the scenario, recorded in the step metadata."""
-    if _SPLIT.match(spec.strip()) or spec.strip().lower() in load_presets():
+    if _SPLIT.match(spec.strip()) or spec.strip().lower() in load_presets() or spec.strip() in load_sequences():
         return spec.strip()
+    if spec.strip().endswith(".json"):
+        return os.path.splitext(os.path.basename(spec.strip()))[0]
     return "-".join(str(len(g)) for g in groups)
