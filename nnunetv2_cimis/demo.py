@@ -27,9 +27,11 @@ from nnunetv2_cimis.errors import CIMISError, cli_entry
 SOURCE_ID, FIRST_STEP_ID = 900, 901
 PLANS = "nnUNetPlansDemo"
 KINDS = {
-    # kind: (configuration, scenario, default shape, features per stage)
-    "abdominal3d": ("3d_fullres", "2-2-2", (32, 32, 32), (8, 16, 32, 64)),
-    "laparoscopic2d": ("2d", "2-2-2", (64, 64), (8, 16, 32, 64, 64)),
+    # kind: (configuration, scenario, shape, features per stage, step-0 trainer, default trainers or None = all)
+    "abdominal3d": ("3d_fullres", "2-2-2", (32, 32, 32), (8, 16, 32, 64), "nnUNetTrainerFT", None),
+    # DDCL replays images of a diffusion model trained at the end of each step, so step 0 is trained by DDCL
+    "laparoscopic2d": ("2d", "2-2-2", (64, 64), (8, 16, 32, 64, 64), "nnUNetTrainerDDCL",
+                       ["nnUNetTrainerFT", "nnUNetTrainerMiB", "nnUNetTrainerDDCL"]),
 }
 
 
@@ -92,8 +94,8 @@ def run_training(dataset: str, configuration: str, trainer: str, env: Dict[str, 
 def train_scenario(steps: Sequence[str], joint: Optional[str], configuration: str, plans: str,
                    trainers: Sequence[str], env: Dict[str, str], log_dir: str, clock: Clock,
                    iterations_step0: Optional[int] = None, iterations_joint: Optional[int] = None, jobs: int = 2,
-                   train_step0: bool = True, device: str = "cpu") -> None:
-    """Train step 0 (``nnUNetTrainerFT``), the joint bound (``nnUNetTrainerJoint``) and each trainer's chain of
+                   train_step0: bool = True, device: str = "cpu", step0_trainer: str = "nnUNetTrainerFT") -> None:
+    """Train step 0 (``step0_trainer``), the joint bound (``nnUNetTrainerJoint``) and each trainer's chain of
     later steps, ``jobs`` runs at a time."""
     def chain(trainer: str) -> None:
         for d in steps[1:]:
@@ -105,7 +107,7 @@ def train_scenario(steps: Sequence[str], joint: Optional[str], configuration: st
             joint_future = pool.submit(run_training, joint, configuration, "nnUNetTrainerJoint", env, log_dir, clock,
                                        iterations_joint, plans, device)
         if train_step0:
-            run_training(steps[0], configuration, "nnUNetTrainerFT", env, log_dir, clock, iterations_step0, plans,
+            run_training(steps[0], configuration, step0_trainer, env, log_dir, clock, iterations_step0, plans,
                          device)
         futures = [pool.submit(chain, t) for t in trainers]
         for f in futures + ([joint_future] if joint_future else []):
@@ -119,15 +121,15 @@ def run_demo(output: str, trainers: Optional[Sequence[str]] = None, kind: str = 
     from nnunetv2_cimis.training.registry import continual_trainers
     if kind not in KINDS:
         raise CIMISError(f"Unknown phantom kind {kind!r}; choose one of {sorted(KINDS)}.")
-    configuration, scenario, shape, features = KINDS[kind]
+    configuration, scenario, shape, features, step0_trainer, default_trainers = KINDS[kind]
     dims = len(shape)
     available = continual_trainers(dims)
-    trainers = list(trainers) if trainers else available
+    trainers = list(trainers) if trainers else (default_trainers or available)
     unknown = [t for t in trainers if t not in available]
     if unknown:
         raise CIMISError(f"Unknown or unsuitable trainers for {kind}: {unknown}. Available: {available}.")
     if "nnUNetTrainerFT" not in trainers:
-        trainers = ["nnUNetTrainerFT"] + trainers  # step 0 is trained by it
+        trainers = ["nnUNetTrainerFT"] + trainers  # the lower bound is always shown
     output = os.path.abspath(output)
     if os.path.isdir(os.path.join(output, "nnunet")):
         if not overwrite:
@@ -145,21 +147,22 @@ def run_demo(output: str, trainers: Optional[Sequence[str]] = None, kind: str = 
         write_abdominal_phantom(env["nnUNet_raw"], SOURCE_ID, num_cases, shape=shape, seed=seed)
     else:
         from nnunetv2_cimis.phantom.laparoscopic2d import write_laparoscopic_phantom
-        write_laparoscopic_phantom(env["nnUNet_raw"], SOURCE_ID, num_cases, seed=seed)
+        write_laparoscopic_phantom(env["nnUNet_raw"], SOURCE_ID, num_cases, seed=seed, shape=shape)
     clock.log(f"making scenario {scenario}: nnU-Net plans step 0, plans moved, every step preprocessed")
     from nnunetv2_cimis.scenarios.make_scenario import make_scenario
     import contextlib
     import io
     with contextlib.redirect_stdout(io.StringIO()):
         summary = make_scenario(str(SOURCE_ID), scenario, [FIRST_STEP_ID + i for i in range(3)], seed=seed,
-                                configuration=configuration, plans_name=PLANS, features_per_stage=features)
+                                configuration=configuration, plans_name=PLANS, features_per_stage=features,
+                                step0_trainer=step0_trainer)
     steps, joint = summary["step_datasets"], summary["joint_dataset"]
     clock.log(f"steps: {', '.join(f'{d} learns {c}' for d, c in zip(steps, summary['classes_per_step']))}")
     clock.log(f"cases per step {summary['cases_per_step']}, test cases {summary['test_cases']}; training "
               f"{len(trainers)} methods with {jobs} parallel runs, logs in {log_dir}")
 
     train_scenario(steps, joint, configuration, PLANS, trainers, env, log_dir, clock, iterations_step0,
-                   iterations_joint, jobs)
+                   iterations_joint, jobs, step0_trainer=step0_trainer)
     clock.log("evaluating every step's model on the held-out test set")
     from nnunetv2_cimis.evaluation.evaluate import evaluate_scenario
     result = evaluate_scenario(steps[0], configuration, PLANS, 0, trainers, output, num_processes=0)

@@ -60,28 +60,30 @@ def make_tiny_scenario(root: str, scenario: str = "2-2-2", num_cases: int = 13, 
 
 
 def train(dataset: str, trainer: str, env: Dict[str, str], fold: int = 0, extra_env: Optional[dict] = None,
-          args: Sequence[str] = ()) -> subprocess.CompletedProcess:
+          args: Sequence[str] = (), configuration: str = CONFIGURATION, plans: str = PLANS) -> subprocess.CompletedProcess:
     """Run the real ``nnUNetv2_train`` on CPU; raise with the log's tail if it fails."""
     full_env = dict(os.environ, **env, **(extra_env or {}))
     exe = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train")
-    cmd = [exe, dataset, CONFIGURATION, str(fold), "-tr", trainer, "-p", PLANS, "-device", "cpu", *args]
+    cmd = [exe, dataset, configuration, str(fold), "-tr", trainer, "-p", plans, "-device", "cpu", *args]
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
-def model_folder(env: Dict[str, str], dataset: str, trainer: str, fold: int = 0) -> str:
-    return os.path.join(env["nnUNet_results"], dataset, f"{trainer}__{PLANS}__{CONFIGURATION}", f"fold_{fold}")
+def model_folder(env: Dict[str, str], dataset: str, trainer: str, fold: int = 0, configuration: str = CONFIGURATION,
+                 plans: str = PLANS) -> str:
+    return os.path.join(env["nnUNet_results"], dataset, f"{trainer}__{plans}__{configuration}", f"fold_{fold}")
 
 
-def build_trainer(dataset: str, trainer_class, fold: int = 0, continue_training: bool = False):
+def build_trainer(dataset: str, trainer_class, fold: int = 0, continue_training: bool = False,
+                  configuration: str = CONFIGURATION, plans_name: str = PLANS):
     """Instantiate ``trainer_class`` on ``dataset`` as ``nnUNetv2_train`` does (CPU)."""
     pre = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
-    with open(os.path.join(pre, PLANS + ".json")) as f:
+    with open(os.path.join(pre, plans_name + ".json")) as f:
         plans = json.load(f)
     plans["continue_training"] = continue_training
     with open(os.path.join(pre, "dataset.json")) as f:
         dataset_json = json.load(f)
-    return trainer_class(plans=plans, configuration=CONFIGURATION, fold=fold, dataset_json=dataset_json,
+    return trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
                          device=torch.device("cpu"))

@@ -140,6 +140,7 @@ def diffusion_training_images(dataset, identifiers: List[str], patch_size, confi
 class nnUNetTrainerDDCL(nnUNetTrainerIncremental):
     """Diffusion-driven distillation + cross-image contrast (see module docstring)."""
 
+    spatial_dims = (2,)
     needs_teacher_memory = True
     default_hyperparameters: Dict[str, Any] = {
         "kd_weight": 10.0, "kd_alpha": 1.0,
