@@ -293,7 +293,12 @@ def evaluate_scenario(dataset: Union[int, str], configuration: str, plans: str, 
                 continue
             known = [c for st in classes_per_step[:s + 1] for c in st]
             for case in cases:
+                # a dataset-sequence test case is labelled only for its own dataset's classes (make_scenario
+                # records them): other classes cannot be scored on it
+                annotated = set(test_set["cases"][case].get("annotated_labels", known))
                 for c in known:
+                    if c not in annotated:
+                        continue
                     for m in METRICS:
                         rows.append({"step": s, "trainer": t, "case": case, "class": label_names[c], "metric": m,
                                      "value": scores[key][case][c][m]})
