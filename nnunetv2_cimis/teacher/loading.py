@@ -72,6 +72,8 @@ def load_teacher(checkpoint_path: str, device: torch.device) -> LoadedTeacher:
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from nnunetv2_cimis.cli import ensure_trainer_path
+    ensure_trainer_path()  # the teacher may have been trained by one of the package's trainers
     fold_folder = os.path.dirname(os.path.abspath(checkpoint_path))
     model_folder = os.path.dirname(fold_folder)
     try:
