@@ -21,12 +21,13 @@ KL_TERMS = np.array([0.75 * np.log(0.75 / 0.5), 0.25 * np.log(0.25 / 0.5)])
 
 
 def test_uniform_is_background_aware_kl_mean_over_old_channels():
-    loss = PrototypeGuidedCalibrationDistillation(weighting="uniform")(_one_voxel(STUDENT), _one_voxel(TEACHER))
+    loss = PrototypeGuidedCalibrationDistillation(weighting="uniform", divergence="categorical")(
+        _one_voxel(STUDENT), _one_voxel(TEACHER))
     assert loss.item() == pytest.approx(KL_TERMS.sum() / 2, rel=1e-6)
 
 
 def test_explicit_weights_weight_each_class_term():
-    pgcd = PrototypeGuidedCalibrationDistillation()
+    pgcd = PrototypeGuidedCalibrationDistillation(divergence="categorical")
     weights = _one_voxel([2.0, 0.5])
     loss = pgcd(_one_voxel(STUDENT), _one_voxel(TEACHER), weights)
     assert loss.item() == pytest.approx((2.0 * KL_TERMS[0] + 0.5 * KL_TERMS[1]) / 2, rel=1e-6)
@@ -38,13 +39,13 @@ def test_mean_over_voxels_and_batch():
     s, t = torch.cat([s, s]), torch.cat([t, t])  # B = 2
     # second voxel: student (1/3, 1/3, 1/3) -> merged (2/3, 1/3); teacher (1/2, 1/2)
     kl2 = 0.5 * np.log(0.5 / (2 / 3)) + 0.5 * np.log(0.5 / (1 / 3))
-    loss = PrototypeGuidedCalibrationDistillation()(s, t)
+    loss = PrototypeGuidedCalibrationDistillation(divergence="categorical")(s, t)
     assert loss.item() == pytest.approx((KL_TERMS.sum() + kl2) / 2 / 2, rel=1e-6)
 
 
 def test_zero_when_student_matches_teacher_and_gradient_vanishes():
     z = torch.randn(2, 3, 4, 4, requires_grad=True)
-    loss = PrototypeGuidedCalibrationDistillation()(z, z.detach().clone())
+    loss = PrototypeGuidedCalibrationDistillation(divergence="categorical")(z, z.detach().clone())
     loss.backward()
     assert abs(loss.item()) < 1e-6
     assert z.grad.abs().max().item() < 1e-7
@@ -56,7 +57,7 @@ def test_weighted_loss_is_minimal_at_the_calibrated_teacher():
     q = np.array([0.6, 0.3, 0.1])
     w = np.array([0.5, 2.0, 0.5])
     target = w * q / (w * q).sum()
-    pgcd = PrototypeGuidedCalibrationDistillation()
+    pgcd = PrototypeGuidedCalibrationDistillation(divergence="categorical")
     teacher = _one_voxel(np.log(q).tolist())
     weights = _one_voxel(w.tolist())
     at_target = _one_voxel(np.log(target).tolist()).requires_grad_()
@@ -71,9 +72,45 @@ def test_weighted_loss_is_minimal_at_the_calibrated_teacher():
 
 def test_gradient_pulls_towards_teacher():
     s = _one_voxel(STUDENT).requires_grad_()
-    PrototypeGuidedCalibrationDistillation()(s, _one_voxel(TEACHER)).backward()
+    PrototypeGuidedCalibrationDistillation(divergence="categorical")(s, _one_voxel(TEACHER)).backward()
     # teacher wants more background: the background logit must go up, the old class down
     assert s.grad[0, 0].item() < 0 and s.grad[0, 1].item() > 0
+
+
+def _binary_kl(q, p):
+    q, p = np.asarray(q, float), np.asarray(p, float)
+    return q * np.log(q / p) + (1 - q) * np.log((1 - q) / (1 - p))
+
+
+def test_binary_divergence_hand_computed():
+    # p = (1/2, 1/2), q = (3/4, 1/4): per-class binary KL, weighted, mean over the 2 old channels
+    terms = _binary_kl([0.75, 0.25], [0.5, 0.5])
+    pgcd = PrototypeGuidedCalibrationDistillation(divergence="binary")
+    assert pgcd(_one_voxel(STUDENT), _one_voxel(TEACHER)).item() == pytest.approx(terms.sum() / 2, rel=1e-6)
+    loss = pgcd(_one_voxel(STUDENT), _one_voxel(TEACHER), _one_voxel([2.0, 0.5]))
+    assert loss.item() == pytest.approx((2.0 * terms[0] + 0.5 * terms[1]) / 2, rel=1e-6)
+    # three old channels: student softmax (0, ln 2, ln 3, 0) = (1, 2, 3, 1)/7, new channel 3 -> bg (2, 2, 3)/7
+    s = _one_voxel([0.0, math.log(2.0), math.log(3.0), 0.0])
+    t = _one_voxel([0.0, 0.0, math.log(2.0)])  # (1, 1, 2) / 4
+    expected = _binary_kl([0.25, 0.25, 0.5], [2 / 7, 2 / 7, 3 / 7]).sum() / 3
+    assert pgcd(s, t).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_binary_divergence_keeps_the_teacher_as_minimum_for_any_weights():
+    q = np.array([0.6, 0.3, 0.1])
+    z = _one_voxel(np.log(q).tolist()).requires_grad_()
+    pgcd = PrototypeGuidedCalibrationDistillation(divergence="binary")
+    loss = pgcd(z, _one_voxel(np.log(q).tolist()), _one_voxel([0.5, 2.0, 0.5]))
+    loss.backward()
+    assert abs(loss.item()) < 1e-6 and z.grad.abs().max().item() < 1e-6
+
+
+def test_binary_divergence_is_finite_for_saturated_probabilities():
+    s = _one_voxel([60.0, -60.0, -60.0]).requires_grad_()  # p(bg) = 1 to float precision
+    t = _one_voxel([-60.0, 60.0])  # the teacher is sure of the old class
+    loss = PrototypeGuidedCalibrationDistillation(divergence="binary")(s, t)
+    loss.backward()
+    assert math.isfinite(loss.item()) and loss.item() > 10 and torch.isfinite(s.grad).all()
 
 
 def test_softmax_calibration_weights_hand_computed():
@@ -116,7 +153,7 @@ def test_zero_features_and_zero_prototypes_give_finite_weights():
 
 
 def test_weights_are_resized_to_the_logits():
-    pgcd = PrototypeGuidedCalibrationDistillation()
+    pgcd = PrototypeGuidedCalibrationDistillation(divergence="categorical")
     s = torch.cat([_one_voxel(STUDENT)] * 4, dim=2).repeat(1, 1, 1, 4)  # 4x4 copies of the voxel
     t = torch.cat([_one_voxel(TEACHER)] * 4, dim=2).repeat(1, 1, 1, 4)
     w_small = _one_voxel([2.0, 0.5]).repeat(1, 1, 2, 2)  # constant at 2x2
@@ -132,6 +169,8 @@ def test_bad_options_and_shapes_raise():
         PrototypeGuidedCalibrationDistillation(weighting="cosine")
     with pytest.raises(ValueError, match="temperature"):
         PrototypeGuidedCalibrationDistillation(temperature=0)
+    with pytest.raises(ValueError, match="divergence"):
+        PrototypeGuidedCalibrationDistillation(divergence="js")
     pgcd = PrototypeGuidedCalibrationDistillation()
     with pytest.raises(ValueError, match="same batch and spatial"):
         pgcd(torch.zeros(1, 3, 4, 4), torch.zeros(1, 2, 4, 5))

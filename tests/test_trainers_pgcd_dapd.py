@@ -97,7 +97,7 @@ def test_pgcd_trainer_loss_is_segmentation_plus_weighted_pgcd():
     w = deep_supervision_weights(2)
     seg = UnbiasedDiceCELoss(N_OLD)
     protos, valid = trainer.current_global_prototypes()
-    pgcd = PrototypeGuidedCalibrationDistillation("softmax", 0.5)
+    pgcd = PrototypeGuidedCalibrationDistillation("softmax", 0.5, divergence="binary")
     weights = pgcd.calibration_weights(ctx.teacher_features["proto"], protos, valid)
     expected = sum(w[i] * (seg(out[i], target[i]) + 10.0 * pgcd(out[i], ctx.teacher_output[i], weights))
                    for i in range(2) if w[i] > 0)
@@ -107,7 +107,8 @@ def test_pgcd_trainer_loss_is_segmentation_plus_weighted_pgcd():
 
 def test_dapd_trainer_uses_uniform_distillation():
     trainer = _bare_trainer(nnUNetTrainerDAPD, _memory())
-    assert trainer.hp["pgcd_weighting"] == "uniform" and trainer.hp["dapd_weight"] > 0
+    assert trainer.hp["pgcd_weighting"] == "uniform" and trainer.hp["pgcd_divergence"] == "categorical"
+    assert trainer.hp["dapd_weight"] > 0
     _, out, target, ctx = _iteration(trainer)
     assert torch.isfinite(trainer.compute_loss(list(out), target, ctx))
 

@@ -20,19 +20,25 @@ For old channel ``c`` (background = 0, then the old classes, ``n_old`` channels 
   - ``"uniform"``: ``w_c = 1`` (plain unbiased distillation, the ablation without calibration);
 
   classes without a global prototype get weight 1;
-* the loss is MiB's background-aware distillation in Kullback-Leibler form, each class term weighted::
+* ``q`` = the teacher's softmax, ``p`` = the student's probabilities over the teacher's channels with the new
+  classes merged into background (MiB, ``merge_new_into_background``); the loss weights one term per class:
 
-      L = mean_{b, i} (1 / n_old) * sum_c w_c(i) * q_c(i) * (log q_c(i) - log p_c(i))
+  - ``divergence="binary"`` (default): a per-class binary KL (class c vs. not c)::
 
-  with ``q`` the teacher's softmax and ``log p`` the student's log-probabilities over the teacher's channels,
-  new classes merged into background (``merge_new_into_background``). With uniform weights its gradient
-  is the one of MiB's unbiased knowledge distillation (which uses the cross-entropy form; the two differ
-  by the teacher's entropy, a constant).
+        L = mean_{b, i} (1 / n_old) sum_c w_c(i) [q_c log(q_c / p_c) + (1 - q_c) log((1 - q_c) / (1 - p_c))]
 
-What the weights do: over the student's simplex, ``sum_c w_c q_c (log q_c - log p_c)`` is minimal at
-``p_c = w_c q_c / sum_k w_k q_k``. PGCD therefore distils a *calibrated* teacher: an old class whose
-prototype the teacher's feature resembles gets more probability than the teacher gave it, one whose
-prototype it does not resemble gets less (with uniform weights the target is the teacher itself).
+    Every term is >= 0 and zero at ``p_c = q_c``, so the weights change *how strongly* each class is
+    distilled at each voxel, never *towards what*: the minimum stays at the teacher (``p = q``);
+  - ``divergence="categorical"``: the class terms of the categorical KL::
+
+        L = mean_{b, i} (1 / n_old) sum_c w_c(i) q_c (log q_c - log p_c)
+
+    With uniform weights it is MiB's unbiased distillation (KL form; same gradient as MiB's cross-entropy
+    form). With other weights it is minimal at ``p_c = w_c q_c / sum_k w_k q_k``: the student is pulled to a
+    re-weighted teacher (the target moves), and the value may be negative.
+
+Both forms are this package's reading of "class-specific distillation intensity"; the phantom sweep in
+``docs/methods_pgcd_dapd.md`` compares them.
 
 The optional channel-weighted feature term of the paper is :class:`PrototypeChannelFeatureDistillation`.
 """
@@ -47,6 +53,7 @@ import torch.nn.functional as F
 from nnunetv2_cimis.losses.common import check_logits, check_same_spatial, merge_new_into_background
 
 WEIGHTINGS = ("softmax", "sigmoid", "uniform")
+DIVERGENCES = ("binary", "categorical")
 
 
 def _check_prototypes(prototypes: torch.Tensor, valid: Optional[torch.Tensor], n: Optional[int], c: int):
@@ -76,6 +83,8 @@ class PrototypeGuidedCalibrationDistillation(nn.Module):
         weighting: ``"softmax"`` (default), ``"sigmoid"`` or ``"uniform"``; how similarities become weights.
         temperature: temperature of the softmax / sigmoid over cosine similarities (default 0.5; a choice,
             not the paper's number).
+        divergence: ``"binary"`` (default) or ``"categorical"``: which per-class terms the weights scale
+            (see the module docstring).
         eps: numerical floor of feature / prototype norms (default 1e-8).
 
     Inputs of :meth:`forward`:
@@ -88,10 +97,14 @@ class PrototypeGuidedCalibrationDistillation(nn.Module):
         ValueError: unknown weighting, temperature <= 0, bad shapes (the message shows them).
     """
 
-    def __init__(self, weighting: str = "softmax", temperature: float = 0.5, eps: float = 1e-8):
+    def __init__(self, weighting: str = "softmax", temperature: float = 0.5, divergence: str = "binary",
+                 eps: float = 1e-8):
         super().__init__()
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        self.divergence = divergence
         if not float(temperature) > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.weighting = weighting
@@ -145,14 +158,24 @@ class PrototypeGuidedCalibrationDistillation(nn.Module):
                 raise ValueError(f"weights {tuple(weights.shape)} must be (B, n_old, ...) = "
                                  f"{tuple(teacher_logits.shape[:2])} + spatial; compute them with calibration_weights")
             weights = _resize(weights.float(), student_logits.shape[2:])
-        with torch.no_grad():  # the teacher's side is constant: no graph for it
-            log_q = torch.log_softmax(teacher_logits.float(), dim=1)
-            weighted_q = log_q.exp()
-            if weights is not None:
-                weighted_q = weighted_q * weights
-            teacher_term = (weighted_q * log_q).sum(dim=1)  # B, ...
         log_p = merge_new_into_background(student_logits.float(), n_old)
-        return (teacher_term - (weighted_q * log_p).sum(dim=1)).mean() / n_old
+        if self.divergence == "categorical":
+            with torch.no_grad():  # the teacher's side is constant: no graph for it
+                log_q = torch.log_softmax(teacher_logits.float(), dim=1)
+                weighted_q = log_q.exp()
+                if weights is not None:
+                    weighted_q = weighted_q * weights
+                teacher_term = (weighted_q * log_q).sum(dim=1)  # B, ...
+            return (teacher_term - (weighted_q * log_p).sum(dim=1)).mean() / n_old
+        with torch.no_grad():
+            q = torch.softmax(teacher_logits.float(), dim=1)
+            teacher_term = torch.xlogy(q, q) + torch.xlogy(1 - q, 1 - q)
+        # log(1 - p) = log(-expm1(log p)), accurate for p close to 1; log p is clamped just below 0 (no -inf)
+        log_not_p = torch.log(-torch.expm1(log_p.clamp(max=-1e-7)))
+        kl = teacher_term - q * log_p - (1 - q) * log_not_p  # B, n_old, ...
+        if weights is not None:
+            kl = kl * weights
+        return kl.sum(dim=1).mean() / n_old
 
 
 class PrototypeChannelFeatureDistillation(nn.Module):

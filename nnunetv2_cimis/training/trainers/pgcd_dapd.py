@@ -6,8 +6,8 @@ Three trainers, one implementation (they differ only in their default hyperparam
 =========================  =====================================================================================
 ``nnUNetTrainerPGCDDAPD``  the full method: unbiased Dice+CE + ``pgcd_weight`` * PGCD + ``dapd_weight`` * DAPD
 ``nnUNetTrainerPGCD``      PGCD alone: ``dapd_weight = 0``
-``nnUNetTrainerDAPD``      DAPD alone: ``pgcd_weighting = "uniform"`` (the distillation term stays, without
-                           calibration: it is then MiB's unbiased distillation in KL form)
+``nnUNetTrainerDAPD``      DAPD alone: ``pgcd_weighting = "uniform"``, ``pgcd_divergence = "categorical"`` (the
+                           distillation term stays, without calibration: MiB's unbiased distillation, KL form)
 =========================  =====================================================================================
 
 Usage: ``nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerPGCDDAPD`` on a step dataset (step > 0; at step 0
@@ -36,6 +36,8 @@ prototype_tap              decoder.     module path of the prototype features; m
 pgcd_weight                10.0         lambda_1 (MiB's distillation weight, same per-channel normalisation)
 pgcd_weighting             softmax      ``softmax`` / ``sigmoid`` / ``uniform`` (see losses/pgcd.py)
 pgcd_temperature           0.5          temperature over cosine similarities
+pgcd_divergence            binary       ``binary`` (per-class binary KL, minimum at the teacher) or
+                                        ``categorical`` (class terms of the KL; MiB's with uniform weights)
 pgcd_feature_weight        0.0          weight of the channel-weighted feature term (off)
 dapd_weight                1.0          lambda_2
 dapd_global_weight         1.0          weight of the student-to-global alignment inside DAPD
@@ -78,6 +80,7 @@ class nnUNetTrainerPGCDDAPD(nnUNetTrainerIncremental):
         "pgcd_weight": 10.0,
         "pgcd_weighting": "softmax",
         "pgcd_temperature": 0.5,
+        "pgcd_divergence": "binary",
         "pgcd_feature_weight": 0.0,
         "dapd_weight": 1.0,
         "dapd_global_weight": 1.0,
@@ -110,7 +113,8 @@ class nnUNetTrainerPGCDDAPD(nnUNetTrainerIncremental):
                 raise CIMISError(f"hyperparameter {name} must be a number >= 0, got {hp[name]!r}")
         try:
             self.pgcd = PrototypeGuidedCalibrationDistillation(weighting=hp["pgcd_weighting"],
-                                                               temperature=hp["pgcd_temperature"])
+                                                               temperature=hp["pgcd_temperature"],
+                                                               divergence=hp["pgcd_divergence"])
             self.pgcd_feature = PrototypeChannelFeatureDistillation()
             self.dapd = DualAlignedPrototypeDistillation(global_weight=hp["dapd_global_weight"],
                                                          local_weight=hp["dapd_local_weight"],
@@ -257,6 +261,7 @@ class nnUNetTrainerPGCD(nnUNetTrainerPGCDDAPD):
 
 
 class nnUNetTrainerDAPD(nnUNetTrainerPGCDDAPD):
-    """DAPD alone: unbiased Dice+CE + uncalibrated (uniform) unbiased distillation + DAPD."""
+    """DAPD alone: unbiased Dice+CE + MiB's unbiased distillation (uniform weights, categorical KL) + DAPD."""
 
-    default_hyperparameters = {**nnUNetTrainerPGCDDAPD.default_hyperparameters, "pgcd_weighting": "uniform"}
+    default_hyperparameters = {**nnUNetTrainerPGCDDAPD.default_hyperparameters, "pgcd_weighting": "uniform",
+                               "pgcd_divergence": "categorical"}
