@@ -157,7 +157,7 @@ class PrototypeGuidedCalibrationDistillation(nn.Module):
             if weights.ndim != teacher_logits.ndim or weights.shape[:2] != teacher_logits.shape[:2]:
                 raise ValueError(f"weights {tuple(weights.shape)} must be (B, n_old, ...) = "
                                  f"{tuple(teacher_logits.shape[:2])} + spatial; compute them with calibration_weights")
-            weights = _resize(weights.float(), student_logits.shape[2:])
+            weights = _resize(weights.detach().float(), student_logits.shape[2:])
         log_p = merge_new_into_background(student_logits.float(), n_old)
         if self.divergence == "categorical":
             with torch.no_grad():  # the teacher's side is constant: no graph for it
@@ -174,7 +174,7 @@ class PrototypeGuidedCalibrationDistillation(nn.Module):
         log_not_p = torch.log(-torch.expm1(log_p.clamp(max=-1e-7)))
         kl = teacher_term - q * log_p - (1 - q) * log_not_p  # B, n_old, ...
         if weights is not None:
-            kl = kl * weights
+            kl = kl * weights.detach()
         return kl.sum(dim=1).mean() / n_old
 
 
