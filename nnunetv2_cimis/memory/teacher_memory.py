@@ -60,11 +60,11 @@ def compute_memory_for_model(fold_folder: str, device: torch.device, prototype_t
 
 
 def ensure_step_memory(fold_folder: str, configuration: str, device: torch.device,
-                       log: Optional[Callable] = None) -> StepMemory:
-    """Load the step memory of a trained model, computing it first if it is missing."""
+                       log: Optional[Callable] = None, prototype_tap: str = DEFAULT_PROTOTYPE_TAP) -> StepMemory:
+    """Load the step memory of a trained model, computing it first (at ``prototype_tap``) if it is missing."""
     path = os.path.join(fold_folder, STEP_MEMORY_FILENAME)
     if not os.path.isfile(path):
         if log is not None:
             log(f"The teacher has no step memory yet ({path}); computing it from its training cases.")
-        compute_memory_for_model(fold_folder, device)
+        compute_memory_for_model(fold_folder, device, prototype_tap=prototype_tap)
     return StepMemory.load(path)

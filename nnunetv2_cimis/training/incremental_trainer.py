@@ -147,7 +147,8 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
         if self.needs_teacher_memory:
             fold_folder = os.path.dirname(ckpt)
             self.teacher_memory = ensure_step_memory(fold_folder, self.configuration_name, self.device,
-                                                     log=self.print_to_log_file)
+                                                     log=self.print_to_log_file,
+                                                     prototype_tap=self.memory_prototype_tap)
 
     def _check_teacher_labels(self, info: LoadedTeacher) -> None:
         teacher_labels = info.dataset_json.get("labels", {})
