@@ -14,6 +14,7 @@ Everything lives under ``--output`` (``nnunet/`` holds nnUNet_raw / _preprocesse
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -26,6 +27,12 @@ from nnunetv2_cimis.errors import CIMISError, cli_entry
 
 SOURCE_ID, FIRST_STEP_ID = 900, 901
 PLANS = "nnUNetPlansDemo"
+#: CPU-sized settings of the methods whose defaults are sized for a GPU (written to hparams.json, passed through
+#: nnUNet_cimis_hparams): fewer and shorter inversions, a shorter diffusion training and fewer replay samples
+DEMO_HYPERPARAMETERS = {
+    "nnUNetTrainerMOSInv": {"num_synthetic": 6, "inversion_iterations": 50},
+    "nnUNetTrainerDDCL": {"num_synthetic": 16, "diffusion_train_iterations": 100},
+}
 KINDS = {
     # kind: (configuration, scenario, shape, features per stage, step-0 trainer, default trainers or None = all)
     "abdominal3d": ("3d_fullres", "2-2-2", (32, 32, 32), (8, 16, 32, 64), "nnUNetTrainerFT", None),
@@ -137,6 +144,10 @@ def run_demo(output: str, trainers: Optional[Sequence[str]] = None, kind: str = 
         shutil.rmtree(os.path.join(output, "nnunet"))
     clock = Clock()
     env = demo_environment(output, epochs, iterations)
+    hparams = os.path.join(output, "hparams.json")
+    with open(hparams, "w") as f:
+        json.dump(DEMO_HYPERPARAMETERS, f, indent=2)
+    env["nnUNet_cimis_hparams"] = hparams
     os.environ.update(env)
     log_dir = os.path.join(output, "logs")
     os.makedirs(log_dir, exist_ok=True)
