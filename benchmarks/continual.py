@@ -29,17 +29,18 @@ def main(argv=None):
     p.add_argument("--dataset", "-d", default=None, help="a step dataset of an existing scenario (default: phantom)")
     p.add_argument("-c", "--configuration", default="3d_fullres")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
-    p.add_argument("--iterations", type=int, default=60)
-    p.add_argument("--iterations-step0", type=int, default=150)
-    p.add_argument("--iterations-joint", type=int, default=150)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--iterations", type=int, default=100, help="iterations per epoch")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of each incremental step")
+    p.add_argument("--epochs-step0", type=int, default=6)
+    p.add_argument("--epochs-joint", type=int, default=6)
+    p.add_argument("--lr", type=float, default=None, help="initial lr of incremental steps (nnUNet_cimis_lr)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--skip-step0", action="store_true", help="step 0 is already trained (nnUNetTrainerFT)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = p.parse_args(argv)
     if a.dataset is None:
-        result = run_demo(a.output, a.trainers, "abdominal3d", 15, a.epochs, a.iterations_step0, a.iterations,
-                          a.iterations_joint, a.jobs, overwrite=True)
+        result = run_demo(a.output, a.trainers, "abdominal3d", 15, a.epochs, a.epochs_step0, a.iterations,
+                          a.epochs_joint, a.jobs, overwrite=True, lr=a.lr or 1e-2)
     else:
         from nnunetv2_cimis.cli import ensure_trainer_path
         from nnunetv2_cimis.evaluation.evaluate import evaluate_scenario
@@ -51,11 +52,12 @@ def main(argv=None):
         with open(os.path.join(require_env("nnUNet_raw"), name, "dataset.json")) as f:
             info = read_step_info(json.load(f), name)
         trainers = a.trainers or continual_trainers(3 if a.configuration.startswith("3d") else 2)
-        env = {"nnUNet_cimis_epochs": str(a.epochs), "nnUNet_cimis_iterations": str(a.iterations)}
+        env = {"nnUNet_cimis_epochs": str(a.epochs), "nnUNet_cimis_iterations": str(a.iterations),
+               "OMP_WAIT_POLICY": "PASSIVE", **({"nnUNet_cimis_lr": str(a.lr)} if a.lr else {})}
         log_dir = os.path.join(os.path.abspath(a.output), "logs")
         os.makedirs(log_dir, exist_ok=True)
         train_scenario(info.step_datasets, info.joint_dataset, a.configuration, a.plans, trainers, env, log_dir,
-                       Clock(), a.iterations_step0, a.iterations_joint, a.jobs, not a.skip_step0, a.device)
+                       Clock(), a.epochs_step0, a.epochs_joint, a.jobs, not a.skip_step0, a.device)
         result = evaluate_scenario(name, a.configuration, a.plans, 0, trainers, a.output, num_processes=0)
         print(result["markdown"])
     return result

@@ -75,6 +75,7 @@ def prepare(workdir: str, shape: int, default_network: bool, cases: int, device:
     from nnunetv2_cimis.phantom.abdominal3d import write_abdominal_phantom
     from nnunetv2_cimis.scenarios.make_scenario import make_scenario
     env = demo_environment(workdir, 1, 2)
+    env.pop("OMP_WAIT_POLICY")  # one run at a time here
     os.environ.update(env)
     marker = os.path.join(workdir, "prepared.json")
     if os.path.isfile(marker):
@@ -122,6 +123,14 @@ def main(argv=None):
     if a.device == "cpu":
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     dataset = prepare(workdir, a.shape, a.default_network, a.cases, a.device)
+    if not os.environ.get("nnUNet_cimis_hparams"):
+        # synthesis-based methods synthesise their replay set when a step starts: use the demo's short settings so
+        # that set-up stays short (the timed iterations are the same either way)
+        from nnunetv2_cimis.demo import DEMO_HYPERPARAMETERS
+        path = os.path.join(workdir, "hparams.json")
+        with open(path, "w") as f:
+            json.dump(DEMO_HYPERPARAMETERS, f)
+        os.environ["nnUNet_cimis_hparams"] = path
     trainers = [BASELINE] + [t for t in a.trainers if t != BASELINE]
     results = {}
     for t in trainers:

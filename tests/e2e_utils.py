@@ -35,6 +35,7 @@ def nnunet_env(root: str, iterations: int = 2, epochs: int = 1, val_iterations: 
         "nnUNet_cimis_iterations": str(iterations),
         "nnUNet_cimis_val_iterations": str(val_iterations),
         "OMP_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",  # no OpenMP spin-waiting when processes share the two cores
     }
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.makedirs(env[k], exist_ok=True)
