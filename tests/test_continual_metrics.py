@@ -90,3 +90,51 @@ def test_bad_scenarios_raise():
         cm.learned_at([[0, 1]])
     with pytest.raises(CIMISError, match="outside"):
         cm.step_means({"A": {3: {1: 0.5}}}, CPS)
+
+
+def test_never_learned_classes():
+    # A learns 1 at step 0 and keeps a bit; class 2 is 0 at step 0 and 0.004 at step 1 (< eps 0.01); class 3 is
+    # learned at step 1 and forgotten to 0 at step 2 (learned, forgetting 0.5); class 4 is 0 at its only step
+    d = {"A": {0: {1: 0.8, 2: 0.0},
+               1: {1: 0.6, 2: 0.004, 3: 0.5},
+               2: {1: 0.4, 2: NAN, 3: 0.0, 4: 0.0}}}
+    never = cm.never_learned(d, CPS)
+    assert never == {"A": [2, 4]}
+    assert cm.never_learned(d, CPS, eps=0.001) == {"A": [4]}
+    f = cm.forgetting(d, CPS, never)["A"]
+    assert close(f[1], 0.4) and math.isnan(f[2]) and close(f[3], 0.5)
+    # the raw definition would say class 2 forgot nothing (0.004 - NaN -> NaN here; at eps 0.001 it is learned)
+    assert close(cm.backward_transfer(d, CPS, never)["A"], ((0.4 - 0.8) + (0.0 - 0.5)) / 2)
+    s = cm.summarize({"A": {st: {c: [v] for c, v in by.items()} for st, by in d["A"].items()}}, CPS)
+    assert s["never_learned"] == {"A": [2, 4]} and s["learned_old"] == {"A": 2}
+    assert close(s["mean_forgetting"]["A"], 0.45)
+
+
+def test_all_zero_run_is_not_no_forgetting():
+    zero = {"Z": {s: {c: [0.0, 0.0] for t in CPS[:s + 1] for c in t} for s in range(3)}}
+    s = cm.summarize(zero, CPS)
+    assert s["never_learned"] == {"Z": [1, 2, 3, 4]}
+    assert all(math.isnan(v) for v in s["forgetting"]["Z"].values())
+    assert math.isnan(s["mean_forgetting"]["Z"]) and math.isnan(s["bwt"]["Z"])
+    assert s["learned_old"] == {"Z": 0}
+    # a class absent from every test case (all NaN) cannot be judged: not listed as never learned
+    nan_run = {"N": {0: {1: [NAN], 2: [0.5]}}}
+    assert cm.summarize(nan_run, CPS)["never_learned"] == {"N": []}
+
+
+def test_at_a_glance_and_bound_failures():
+    runs = {"FT": {0: {1: [0.9], 2: [0.7]}, 1: {1: [0.0], 2: [0.0], 3: [0.5]}},
+            "M": {0: {1: [0.9], 2: [0.7]}, 1: {1: [0.8], 2: [0.6], 3: [0.4]}},
+            "J": {0: {1: [0.9], 2: [0.9]}, 1: {1: [0.9], 2: [0.9], 3: [0.7]}}}
+    s = cm.summarize(runs, CPS)
+    g = cm.at_a_glance(s, CPS, ["FT", "M", "J"], ft_trainer="FT", joint_trainer="J")
+    assert set(g) == {"FT", "M"}
+    assert close(g["M"]["new_dice"], 0.4) and close(g["M"]["ft_new_dice"], 0.5)
+    assert close(g["M"]["old_kept"], (0.8 + 0.6) / 1.8) and close(g["FT"]["old_kept"], 0.0)
+    assert close(g["M"]["mean_forgetting"], 0.1)
+    # joint all at its last step = 0.833 (not below 0.80); FT new 0.5 at step 1 < 0.6
+    fails = cm.bound_failures(s, "FT", "J")
+    assert fails == ["fine-tuning FT: new-class Dice 0.500 at step 1 (bound 0.60)"]
+    assert cm.bound_failures(s, "FT", "J", joint_bound=0.85, ft_new_bound=0.5) == [
+        "joint model J: mean Dice over all classes 0.833 < 0.85"]
+    assert cm.bound_failures(s, None, None) == []

@@ -6,7 +6,8 @@ Files written into ``output_dir`` by :func:`write_report`:
 ``scores.csv``      one row per (step, trainer, case, class, metric): columns ``step, trainer, case,
                     class, metric, value`` (class = label name; value empty for NaN)
 ``summary.json``    labels, classes per step, per-class Dice, old/new/all means, forgetting, BWT
-``report.md``       the Markdown tables (also returned)
+``report.md``       "At a glance" (one line per method, and a WARNING when the bounds are under-trained),
+                    then the Markdown tables (also returned)
 ``dice_per_class.png``  per-class Dice across steps, one subplot per class, one line per trainer
 ==================  ==============================================================================
 """
@@ -26,6 +27,12 @@ CSV_NAME = "scores.csv"
 SUMMARY_NAME = "summary.json"
 MARKDOWN_NAME = "report.md"
 PLOT_NAME = "dice_per_class.png"
+FT_TRAINER = "nnUNetTrainerFT"
+JOINT_BOUND = 0.80
+"""Default lowest mean Dice over all classes of the joint model for a meaningful comparison."""
+FT_NEW_BOUND = 0.6
+"""Default lowest new-class Dice of fine-tuning, at every step, for a meaningful comparison."""
+UNDER_TRAINED = "the bounds are under-trained; the comparison is not meaningful"
 
 
 def _fmt(v: float, digits: int = 3) -> str:
@@ -54,13 +61,73 @@ def read_long_csv(path: str) -> List[dict]:
                 for r in csv.DictReader(f)]
 
 
+def _pct(v: float) -> str:
+    return "n/a" if v is None or math.isnan(v) else f"{100 * v:.0f} %"
+
+
+def bounds_warning(summary: dict, ft_trainer: Optional[str] = FT_TRAINER, joint_trainer: Optional[str] = None,
+                   joint_bound: float = JOINT_BOUND, ft_new_bound: float = FT_NEW_BOUND) -> Optional[str]:
+    """The WARNING line when the joint model or fine-tuning is below its bound, else None
+    (see :func:`continual_metrics.bound_failures`)."""
+    failures = cm.bound_failures(summary, ft_trainer, joint_trainer, joint_bound, ft_new_bound)
+    if not failures:
+        return None
+    return f"WARNING: {UNDER_TRAINED} ({'; '.join(failures)})"
+
+
+def glance_lines(summary: dict, label_names: Mapping[int, str], classes_per_step: Sequence[Sequence[int]],
+                 trainers: Sequence[str], joint_trainer: Optional[str] = None,
+                 ft_trainer: Optional[str] = FT_TRAINER, joint_bound: float = JOINT_BOUND,
+                 ft_new_bound: float = FT_NEW_BOUND) -> List[str]:
+    """The "at a glance" lines (plain text): the bounds warning or a note, then one line per continual method
+    ``NAME: new classes learned: Dice X (FT: Y); old classes kept: Z % of joint; mean forgetting F``
+    (definitions in :func:`continual_metrics.at_a_glance` and docs/evaluation.md)."""
+    out = []
+    warning = bounds_warning(summary, ft_trainer, joint_trainer, joint_bound, ft_new_bound)
+    if warning:
+        out.append(warning)
+    missing = [what for what, t in (("joint model", joint_trainer), ("fine-tuning", ft_trainer))
+               if not t or t not in summary["steps"]]
+    if missing:
+        out.append(f"note: no {' and no '.join(missing)} evaluated: the bounds of the comparison are not checked")
+    glance = cm.at_a_glance(summary, classes_per_step, trainers, ft_trainer, joint_trainer)
+    for t, g in glance.items():
+        never = [label_names.get(c, str(c)) for c in g["never_learned"]]
+        if math.isnan(g["mean_forgetting"]):
+            f = "n/a (no old class was learned)" if never and g["learned_old"] == 0 else "n/a"
+        else:
+            f = f"{g['mean_forgetting']:.3f} ({g['learned_old']} learned old classes)"
+        line = (f"{t}: new classes learned: Dice {_fmt(g['new_dice'])} (FT: {_fmt(g['ft_new_dice'])}); "
+                f"old classes kept: {_pct(g['old_kept'])} of joint; mean forgetting {f}")
+        if never:
+            line += f"; never learned: {len(never)} class{'es' if len(never) > 1 else ''} ({', '.join(never)})"
+        out.append(line)
+    return out
+
+
 def markdown_tables(summary: dict, label_names: Mapping[int, str], classes_per_step: Sequence[Sequence[int]],
-                    trainers: Sequence[str], joint_trainer: Optional[str] = None) -> str:
-    """The Markdown report: old/new/all mean Dice per trainer and step, per-class Dice, forgetting and BWT."""
+                    trainers: Sequence[str], joint_trainer: Optional[str] = None,
+                    glance: Optional[Sequence[str]] = None) -> str:
+    """The Markdown report: the ``glance`` lines (:func:`glance_lines`) first, then old/new/all mean Dice per
+    trainer and step, per-class Dice, forgetting and BWT."""
     when = cm.learned_at(classes_per_step)
     labels = sorted(when)
     mark = {t: (f"{t} (joint, upper bound)" if t == joint_trainer else t) for t in trainers}
-    out = ["## Mean Dice per step", "",
+    out = []
+    if glance:
+        out += ["## At a glance", ""]
+        for line in glance:
+            if line.startswith("WARNING"):
+                out += [f"> **{line}**", ""]
+            elif line.startswith("note:"):
+                out += [f"> {line}", ""]
+            else:
+                out.append(f"- {line}")
+        out += ["", "new classes learned = mean over the incremental steps of the new-class Dice (FT: the same "
+                "for fine-tuning); old classes kept = final-step Dice on the old classes / the joint model's Dice "
+                "on the same classes; mean forgetting over the old classes that were learned (definitions in "
+                "docs/evaluation.md).", ""]
+    out += ["## Mean Dice per step", "",
            "old = classes learned before the step, new = learned at the step, all = learned up to the step.", "",
            "| trainer | step | old | new | all |", "| --- | --- | --- | --- | --- |"]
     for t in trainers:
@@ -77,7 +144,9 @@ def markdown_tables(summary: dict, label_names: Mapping[int, str], classes_per_s
     out += ["", "## Forgetting and backward transfer", "",
             "Forgetting of an old class = best Dice at an earlier step minus Dice at the final step (lower is "
             "better). BWT = mean over old classes of final Dice minus Dice right after learning them (higher is "
-            "better).", "",
+            "better). A class whose Dice stayed below "
+            f"{summary.get('never_learned_eps', cm.NEVER_LEARNED_EPS)} at every step is \"never learned\": it "
+            "has no forgetting and is left out of both means.", "",
             "| trainer | final step | BWT | mean forgetting | " +
             " | ".join(f"forgetting {label_names.get(c, c)}" for c in old_labels) + " |",
             "| --- | --- | --- | --- | " + " | ".join("---" for _ in old_labels) + " |"]
@@ -85,9 +154,13 @@ def markdown_tables(summary: dict, label_names: Mapping[int, str], classes_per_s
         if t not in summary["bwt"]:
             continue
         f = summary["forgetting"][t]
-        out.append(f"| {mark[t]} | {summary['final_step'][t]} | {_fmt(summary['bwt'][t])} | "
-                   f"{_fmt(summary['mean_forgetting'][t])} | " +
-                   " | ".join(_fmt(f[c]) if c in f else "" for c in old_labels) + " |")
+        never = set(summary.get("never_learned", {}).get(t, ()))
+        mean_f = _fmt(summary["mean_forgetting"][t])
+        if never & set(f):
+            mean_f += f" ({sum(1 for c in f if c in never)} never learned)"
+        out.append(f"| {mark[t]} | {summary['final_step'][t]} | {_fmt(summary['bwt'][t])} | {mean_f} | " +
+                   " | ".join(("never learned" if c in never else _fmt(f[c])) if c in f else ""
+                              for c in old_labels) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -133,8 +206,14 @@ def plot_per_class(summary: dict, label_names: Mapping[int, str], classes_per_st
 def write_report(rows: Sequence[Mapping], label_names: Mapping[int, str],
                  classes_per_step: Sequence[Sequence[int]], output_dir: str,
                  trainers: Optional[Sequence[str]] = None, joint_trainer: Optional[str] = None,
-                 extra_summary: Optional[dict] = None, print_table: bool = False) -> str:
+                 extra_summary: Optional[dict] = None, print_table: bool = False,
+                 ft_trainer: Optional[str] = FT_TRAINER, joint_bound: float = JOINT_BOUND,
+                 ft_new_bound: float = FT_NEW_BOUND, never_learned_eps: float = cm.NEVER_LEARNED_EPS) -> str:
     """Write ``scores.csv``, ``summary.json``, ``report.md`` and ``dice_per_class.png``; return the Markdown.
+
+    The "at a glance" lines (and the WARNING when the joint model's mean Dice over all classes is below
+    ``joint_bound`` or fine-tuning's new-class Dice is below ``ft_new_bound`` at some step) open
+    ``report.md`` and are always printed on the console, after the tables when ``print_table``.
 
     Args:
         rows: long rows (keys step, trainer, case, class, metric, value); class = label name. Continual
@@ -146,6 +225,9 @@ def write_report(rows: Sequence[Mapping], label_names: Mapping[int, str],
         joint_trainer: name of the joint (upper-bound) model among the trainers, marked in tables and plot.
         extra_summary: more keys for summary.json (scenario, datasets, missing models, ...).
         print_table: also print the Markdown.
+        ft_trainer: the fine-tuning run (lower bound) among the trainers.
+        joint_bound, ft_new_bound: the bounds of the warning.
+        never_learned_eps: Dice below which a class counts as not learned at a step.
 
     Raises:
         CIMISError: no Dice rows, or a class name that ``label_names`` does not know.
@@ -160,10 +242,13 @@ def write_report(rows: Sequence[Mapping], label_names: Mapping[int, str],
         raise CIMISError("there are no Dice scores to report (no rows with metric 'Dice')")
     if trainers is None:
         trainers = list(dict.fromkeys(str(r["trainer"]) for r in rows))
-    summary = cm.summarize(case_dice, classes_per_step)
+    summary = cm.summarize(case_dice, classes_per_step, never_learned_eps)
+    summary["never_learned_eps"] = never_learned_eps
     os.makedirs(output_dir, exist_ok=True)
     write_long_csv(rows, os.path.join(output_dir, CSV_NAME))
-    md = markdown_tables(summary, label_names, classes_per_step, trainers, joint_trainer)
+    glance = glance_lines(summary, label_names, classes_per_step, trainers, joint_trainer, ft_trainer,
+                          joint_bound, ft_new_bound)
+    md = markdown_tables(summary, label_names, classes_per_step, trainers, joint_trainer, glance)
     with open(os.path.join(output_dir, MARKDOWN_NAME), "w") as f:
         f.write(md)
     plot_per_class(summary, label_names, classes_per_step, trainers, os.path.join(output_dir, PLOT_NAME),
@@ -182,6 +267,15 @@ def write_report(rows: Sequence[Mapping], label_names: Mapping[int, str],
         "forgetting": {t: {name(c): _json_value(v) for c, v in f.items()} for t, f in summary["forgetting"].items()},
         "mean_forgetting": {t: _json_value(v) for t, v in summary["mean_forgetting"].items()},
         "bwt": {t: _json_value(v) for t, v in summary["bwt"].items()},
+        "never_learned": {t: [name(c) for c in v] for t, v in summary["never_learned"].items()},
+        "never_learned_eps": never_learned_eps,
+        "at_a_glance": {t: {k: ([name(c) for c in v] if k == "never_learned" else _json_value(v))
+                            for k, v in g.items()}
+                        for t, g in cm.at_a_glance(summary, classes_per_step, trainers, ft_trainer,
+                                                   joint_trainer).items()},
+        "at_a_glance_lines": glance,
+        "bounds": {"joint_bound": joint_bound, "ft_new_bound": ft_new_bound, "ft_trainer": ft_trainer,
+                   "warning": bounds_warning(summary, ft_trainer, joint_trainer, joint_bound, ft_new_bound)},
         "final_step": summary["final_step"],
         "files": {"scores": CSV_NAME, "markdown": MARKDOWN_NAME, "plot": PLOT_NAME},
     }
@@ -191,4 +285,16 @@ def write_report(rows: Sequence[Mapping], label_names: Mapping[int, str],
         json.dump(js, f, indent=2)
     if print_table:
         print(md)
+    print_glance(glance)
     return md
+
+
+def print_glance(lines: Sequence[str]) -> None:
+    """Print the "at a glance" lines on the console; a WARNING line framed so that it cannot be missed."""
+    print("At a glance:")
+    for line in lines:
+        if line.startswith("WARNING"):
+            bar = "!" * min(len(line), 100)
+            print(f"{bar}\n{line}\n{bar}")
+        else:
+            print(f"  {line}")
