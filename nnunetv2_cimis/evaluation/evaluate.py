@@ -90,14 +90,22 @@ def predict_cases(model_dir: str, fold: Union[int, str], images: List[List[str]]
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2_cimis.cli import ensure_trainer_path
 
+    from nnunetv2_cimis.safe_load import check_checkpoint, torch_load_weights_only
+
     ensure_trainer_path()
+    # nnU-Net's predictor unpickles checkpoints with weights_only=False: refuse a file that would run code
+    # before nnU-Net touches it, and route the predictor's own load through the weights-only loader too
+    ckpt_file = os.path.join(model_dir, f"fold_{fold}", checkpoint_name)
+    check_checkpoint(ckpt_file, "checkpoint of the model to evaluate")
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
                                 perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
     try:
-        predictor.initialize_from_trained_model_folder(model_dir, use_folds=(fold,), checkpoint_name=checkpoint_name)
+        with torch_load_weights_only("checkpoint of the model to evaluate"):
+            predictor.initialize_from_trained_model_folder(model_dir, use_folds=(fold,),
+                                                           checkpoint_name=checkpoint_name)
     except RuntimeError as e:
         raise CIMISError(f"cannot load the model in {model_dir} (fold {fold}): {e}. If its trainer is one of this "
                          f"package's, nnUNet_extTrainer must include `nnUNetv2_cimis_trainer_path`.") from None

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from nnunetv2_cimis.errors import CIMISError
+from nnunetv2_cimis.safe_load import load_weights_only
 
 STEP_MEMORY_FILENAME = "step_memory.pth"
 FORMAT_VERSION = 1
@@ -95,10 +96,9 @@ class StepMemory:
                 f"for a model trained by plain nnU-Net, compute it with `nnUNetv2_cimis_step_memory -m "
                 f"{os.path.dirname(os.path.dirname(path))} -f <fold>` while its training data is still available.")
         try:
-            d = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # corrupt file
-            raise CIMISError(f"The step memory {path} cannot be read ({e}). Recompute it with "
-                             f"`nnUNetv2_cimis_step_memory`.") from None
+            d = load_weights_only(path, "step memory")
+        except CIMISError as e:  # corrupt, or objects that only full unpickling loads
+            raise CIMISError(f"{e} Recompute it with `nnUNetv2_cimis_step_memory`.") from None
         if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:
             raise CIMISError(f"{path} is not a step memory of format {FORMAT_VERSION}. Recompute it with "
                              f"`nnUNetv2_cimis_step_memory`.")

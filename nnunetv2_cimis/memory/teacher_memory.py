@@ -27,7 +27,7 @@ def compute_memory_for_model(fold_folder: str, device: torch.device, prototype_t
     if not os.path.isfile(ckpt):
         raise CIMISError(f"{fold_folder} has no checkpoint_final.pth: finish training that model first.")
     model = load_teacher(ckpt, device)
-    checkpoint_args = torch.load(ckpt, map_location="cpu", weights_only=False).get("init_args", {})
+    checkpoint_args = model.init_args
     configuration, fold = checkpoint_args.get("configuration"), checkpoint_args.get("fold")
     cm = model.plans["configurations"][configuration]
     dataset_name = model.plans["dataset_name"]

@@ -57,6 +57,8 @@ def add_classes(model_folder: str, new_dataset: str, output_id: int, fold: str =
     pre_root = require_env("nnUNet_preprocessed")
     model_folder = os.path.abspath(model_folder)
     plans, model_json, ckpt, (trainer, plans_name, configuration) = _read_model_folder(model_folder, fold)
+    from nnunetv2_cimis.teacher.loading import load_teacher
+    load_teacher(ckpt, torch.device("cpu"))  # refuse now a model that the next step could not load (weights-only)
     old_labels = plain_labels(model_json, f"the model's dataset.json ({model_folder})")
     src_name = dataset_name(new_dataset)
     src_folder, src_json, cases = load_raw_dataset(src_name)

@@ -165,7 +165,7 @@ def main(argv=None) -> None:
     from nnunetv2_cimis.teacher.loading import load_teacher
 
     teacher = load_teacher(ckpt, device)
-    configuration = torch.load(ckpt, map_location="cpu", weights_only=False)["init_args"]["configuration"]
+    configuration = teacher.init_args["configuration"]
     n_in = num_input_channels_of(teacher.plans, teacher.dataset_json, configuration)
     output = args.output or default_output_folder(ckpt)
     aug = MaskAugmentation(p_flip=0, p_elastic=0, p_rotation=0, p_scale=0) if args.no_mask_augmentation else None

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
 from nnunetv2_cimis.errors import CIMISError
+from nnunetv2_cimis.safe_load import load_weights_only
 from nnunetv2_cimis.settings import ENV_TEACHER
 
 
@@ -29,6 +30,7 @@ class LoadedTeacher:
     trainer_name: str
     dataset_json: dict
     plans: dict
+    init_args: dict = field(default_factory=dict)  # the checkpoint's init_args (configuration, fold, ...)
 
 
 def model_folder_for(results_root: str, dataset: str, trainer: str, plans: str, configuration: str) -> str:
@@ -76,11 +78,7 @@ def load_teacher(checkpoint_path: str, device: torch.device) -> LoadedTeacher:
     ensure_trainer_path()  # the teacher may have been trained by one of the package's trainers
     fold_folder = os.path.dirname(os.path.abspath(checkpoint_path))
     model_folder = os.path.dirname(fold_folder)
-    try:
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CIMISError(f"The teacher checkpoint {checkpoint_path} cannot be read ({e}). Is it a complete "
-                         f"nnU-Net checkpoint_final.pth?") from None
+    ckpt = load_weights_only(checkpoint_path, "teacher checkpoint")
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise CIMISError(f"{checkpoint_path} is not an nnU-Net checkpoint (no 'network_weights').")
     files = {}
@@ -93,7 +91,8 @@ def load_teacher(checkpoint_path: str, device: torch.device) -> LoadedTeacher:
             files[name] = json.load(f)
     plans, dataset_json = files["plans.json"], files["dataset.json"]
     trainer_name = ckpt.get("trainer_name", "nnUNetTrainer")
-    configuration = ckpt.get("init_args", {}).get("configuration")
+    init_args = ckpt.get("init_args") if isinstance(ckpt.get("init_args"), dict) else {}
+    configuration = init_args.get("configuration")
     plans_manager = PlansManager(plans)
     if configuration not in plans["configurations"]:
         raise CIMISError(f"The teacher checkpoint was trained with configuration {configuration!r}, which its "
@@ -116,7 +115,7 @@ def load_teacher(checkpoint_path: str, device: torch.device) -> LoadedTeacher:
     network.to(device)
     freeze(network)
     return LoadedTeacher(network=network, checkpoint_path=checkpoint_path, model_folder=model_folder,
-                         trainer_name=trainer_name, dataset_json=dataset_json, plans=plans)
+                         trainer_name=trainer_name, dataset_json=dataset_json, plans=plans, init_args=init_args)
 
 
 def freeze(network: nn.Module) -> nn.Module:

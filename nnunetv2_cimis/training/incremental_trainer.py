@@ -31,6 +31,7 @@ from nnunetv2_cimis.features.taps import FeatureTaps, unwrap_network
 from nnunetv2_cimis.memory.compute import DEFAULT_PROTOTYPE_TAP, compute_step_memory
 from nnunetv2_cimis.memory.step_memory import STEP_MEMORY_FILENAME, StepMemory, carry_forward
 from nnunetv2_cimis.memory.teacher_memory import ensure_step_memory
+from nnunetv2_cimis.safe_load import load_weights_only, torch_load_weights_only
 from nnunetv2_cimis.scenarios.step_metadata import StepInfo, read_step_info
 from nnunetv2_cimis.settings import apply_training_length, incremental_lr, resolve_hyperparameters
 from nnunetv2_cimis.teacher.head import widen_student_from_teacher
@@ -112,6 +113,7 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
         self.teacher: Optional[nn.Module] = None
         self.teacher_info: Optional[LoadedTeacher] = None
         self.teacher_memory: Optional[StepMemory] = None
+        self._carried_memory: Optional[StepMemory] = None  # the teacher's memory when the method does not need it
         self._ctx: Optional[StepContext] = None
         self._student_taps: Optional[FeatureTaps] = None
         self._teacher_taps: Optional[FeatureTaps] = None
@@ -144,11 +146,15 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
                                f"{self.step.n_old_outputs} to {self.label_manager.num_segmentation_heads} outputs")
         if self.teacher_feature_taps:
             self._teacher_taps = FeatureTaps(self.teacher, self.teacher_feature_taps, detach=True)
+        fold_folder = os.path.dirname(ckpt)
         if self.needs_teacher_memory:
-            fold_folder = os.path.dirname(ckpt)
             self.teacher_memory = ensure_step_memory(fold_folder, self.configuration_name, self.device,
                                                      log=self.print_to_log_file,
                                                      prototype_tap=self.memory_prototype_tap)
+        elif os.path.isfile(os.path.join(fold_folder, STEP_MEMORY_FILENAME)):
+            # old-class prototypes are carried forward from it when the step ends: read (and check) it now,
+            # not after the whole training
+            self._carried_memory = StepMemory.load(os.path.join(fold_folder, STEP_MEMORY_FILENAME))
 
     def _check_teacher_labels(self, info: LoadedTeacher) -> None:
         teacher_labels = info.dataset_json.get("labels", {})
@@ -237,26 +243,53 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
                 self._student_taps.clear()
 
     def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.local_rank == 0 and not self.disable_checkpointing and os.path.isfile(filename):
-            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-            checkpoint[CHECKPOINT_KEY] = {"step": self.step.index, "hyperparameters": self.hp,
-                                          "method": self.extra_checkpoint_state()}
-            tmp = filename + ".tmp"
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, filename)
+        """nnU-Net's checkpoint with the method state (``cimis_state``) in the same dict, written in one atomic
+        save: nnU-Net builds its dict as always; its ``torch.save`` of that file is routed through
+        :func:`_atomic_save_with_state` (the state added, a temporary file renamed into place), so a kill at any
+        moment leaves either the previous complete checkpoint or the new complete one."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)
+        state = {"step": self.step.index, "hyperparameters": self.hp, "method": self.extra_checkpoint_state()}
+        real_save = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if isinstance(f, (str, os.PathLike)) and os.fspath(f) == filename and isinstance(obj, dict):
+                return _atomic_save_with_state(real_save, dict(obj, **{CHECKPOINT_KEY: state}), filename,
+                                               *args, **kwargs)
+            return real_save(obj, f, *args, **kwargs)
+
+        torch.save = save
+        try:
+            super().save_checkpoint(filename)
+        finally:
+            torch.save = real_save
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
+        """Load weights-only (see :mod:`nnunetv2_cimis.safe_load`) before handing the dict to nnU-Net, then
+        restore the method state."""
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            with exit_on_user_error():
+                checkpoint = load_weights_only(filename_or_checkpoint, "checkpoint", map_location=self.device)
+                if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
+                    raise CIMISError(f"{filename_or_checkpoint} is not an nnU-Net checkpoint (no 'network_weights').")
+                # nnU-Net's load_checkpoint reads the file itself (weights_only=False): serve it what we loaded
+                with torch_load_weights_only("checkpoint", {filename_or_checkpoint: checkpoint}):
+                    super().load_checkpoint(filename_or_checkpoint)
+        else:
+            super().load_checkpoint(checkpoint)
         state = checkpoint.get(CHECKPOINT_KEY)
-        if state is not None:
-            if state.get("hyperparameters") != self.hp:
-                self.print_to_log_file(f"WARNING: the checkpoint was trained with hyperparameters "
-                                       f"{state.get('hyperparameters')}, now {self.hp}. Using the current ones.")
-            self.load_extra_checkpoint_state(state.get("method", {}))
+        if state is None:
+            self.print_to_log_file(
+                f"WARNING: the checkpoint has no '{CHECKPOINT_KEY}' (it was not written by this package's trainer, "
+                f"or an older version was killed while saving it): the method state "
+                f"({type(self).__name__}: thresholds, prototypes, ...) is recomputed instead of restored, so this "
+                f"run does not continue exactly where it stopped.")
+            return
+        if state.get("hyperparameters") != self.hp:
+            self.print_to_log_file(f"WARNING: the checkpoint was trained with hyperparameters "
+                                   f"{state.get('hyperparameters')}, now {self.hp}. Using the current ones.")
+        self.load_extra_checkpoint_state(state.get("method", {}))
 
     def on_train_end(self):
         super().on_train_end()
@@ -273,17 +306,24 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
                                      self.configuration_manager.patch_size, labels, self.device,
                                      prototype_tap=self.memory_prototype_tap,
                                      bank_size=self.memory_label_bank_size)
-        old_memory = self.teacher_memory
-        if old_memory is None and self.teacher_info is not None:
-            path = os.path.join(os.path.dirname(self.teacher_info.checkpoint_path), STEP_MEMORY_FILENAME)
-            if os.path.isfile(path):
-                old_memory = StepMemory.load(path)
+        old_memory = self.teacher_memory if self.teacher_memory is not None else self._carried_memory
         memory = carry_forward(memory, old_memory, self.step.old_labels)
         self.extend_step_memory(memory)
         path = os.path.join(self.output_folder, STEP_MEMORY_FILENAME)
         memory.save(path)
         self.print_to_log_file(f"Step memory written to {path}")
         return path
+
+
+def _atomic_save_with_state(real_save, checkpoint: dict, filename: str, *args, **kwargs) -> None:
+    tmp = f"{filename}.tmp-{os.getpid()}"
+    try:
+        real_save(checkpoint, tmp, *args, **kwargs)
+        os.replace(tmp, filename)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class nnUNetTrainerFT(nnUNetTrainerIncremental):
