@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dataset_conversion.common import convert_paired_folders, find_root, load_label_map, make_parser
+from .common import convert_paired_folders, find_root, load_label_map, make_parser
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 
 DATASET = "AMOS"

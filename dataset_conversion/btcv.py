@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dataset_conversion.common import convert_paired_folders, find_root, make_parser
+from .common import convert_paired_folders, find_root, make_parser
 from nnunetv2_cimis.errors import cli_entry
 
 DATASET = "BTCV"

@@ -27,6 +27,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import numpy as np
 import SimpleITK as sitk
 
+from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError
 
 LABEL_MAP_DIR = Path(__file__).resolve().parent / "label_maps"
@@ -235,11 +236,8 @@ def nnunet_raw_folder() -> Path:
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
     """``DatasetXXX_Name`` as nnU-Net names raw datasets; checks the id (1..999) and the name (no spaces)."""
-    if not isinstance(dataset_id, int) or not 1 <= dataset_id <= 999:
-        raise CIMISError(f"--output-id must be an integer in 1..999, got {dataset_id!r}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name):
-        raise CIMISError(f"dataset name {name!r} may only hold letters, digits, '_' and '-'")
-    return f"Dataset{dataset_id:03d}_{name}"
+    from nnunetv2_cimis.naming import dataset_folder_name as checked_folder_name
+    return checked_folder_name(dataset_id, name, "--output-id", "--name")
 
 
 class RawDatasetWriter:
@@ -308,8 +306,8 @@ class RawDatasetWriter:
 
     # cases -------------------------------------------------------------------------------------------------
     def _new_identifier(self, identifier: str) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", identifier):
-            raise CIMISError(f"case identifier {identifier!r} may only hold letters, digits, '_' and '-'")
+        from nnunetv2_cimis.naming import check_case_identifier
+        check_case_identifier(identifier, self.dataset)
         if identifier in self._identifiers:
             raise CIMISError(f"case identifier {identifier!r} occurs twice in the input")
         self._identifiers.add(identifier)
@@ -444,6 +442,7 @@ def make_parser(prog: str, dataset: str, layout: str, default_name: str) -> argp
     """The arguments every converter shares: --input, --output-id, --name, --overwrite."""
     p = argparse.ArgumentParser(prog=prog, description=f"Convert {dataset} into an nnU-Net raw dataset "
                                 f"$nnUNet_raw/DatasetXXX_{default_name}. Expected input layout: {layout}")
+    add_version_argument(p)
     p.add_argument("--input", "-i", required=True, help="the folder as the download unpacks it")
     p.add_argument("--output-id", "-d", required=True, type=int, help="nnU-Net dataset id (1..999)")
     p.add_argument("--name", default=default_name, help=f"dataset name (default {default_name})")

@@ -31,7 +31,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from dataset_conversion.common import (RawDatasetWriter, find_root, load_label_map, make_parser, read_grid,
+from .common import (RawDatasetWriter, find_root, load_label_map, make_parser, read_grid,
                                        read_label_array, report, require_dir)
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-from dataset_conversion.common import (RawDatasetWriter, find_root, list_files, load_label_map, make_parser,
+from .common import (RawDatasetWriter, find_root, list_files, load_label_map, make_parser,
                                        pair_by_identifier, report)
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 

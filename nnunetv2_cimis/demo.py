@@ -23,6 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
 
+from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 
 SOURCE_ID, FIRST_STEP_ID = 900, 901
@@ -189,6 +190,7 @@ def run_demo(output: str, trainers: Optional[Sequence[str]] = None, kind: str = 
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_argument(p)
     p.add_argument("--output", "-o", required=True, help="folder for everything the demo writes")
     p.add_argument("--trainers", nargs="+", default=None, help="continual trainers (default: all that exist)")
     p.add_argument("--kind", default="abdominal3d", choices=sorted(KINDS), help="phantom: 3D CT or 2D laparoscopy")

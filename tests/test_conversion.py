@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from dataset_conversion import amos, btcv, common, dsad, flare21, flare22, kits19, kits23, msd, word
+from nnunetv2_cimis.dataset_conversion import amos, btcv, common, dsad, flare21, flare22, kits19, kits23, msd, word
 from nnunetv2_cimis.errors import CIMISError
 
 SHAPE_ZYX = (6, 8, 8)

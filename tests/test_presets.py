@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-import dataset_conversion
+import nnunetv2_cimis.dataset_conversion as dataset_conversion
 import nnunetv2_cimis.scenarios as scenarios
 
 PRESETS = Path(scenarios.__file__).parent / "presets"

@@ -31,6 +31,7 @@ import shutil
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.evaluation.report import write_report
 
@@ -332,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "scenario's test set with every step's model of every trainer, "
                                             "score with nnU-Net, write Dice per class, old/new/all means, "
                                             "forgetting and backward transfer.")
+    add_version_argument(p)
     p.add_argument("-d", "--dataset", required=True, help="id or name of any step dataset of the scenario")
     p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration (default 3d_fullres)")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.memory.compute import DEFAULT_PROTOTYPE_TAP
 
@@ -14,6 +15,7 @@ from nnunetv2_cimis.memory.compute import DEFAULT_PROTOTYPE_TAP
 @cli_entry
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
+    add_version_argument(parser)
     parser.add_argument("-m", "--model", help="trained model folder (<trainer>__<plans>__<configuration>)")
     parser.add_argument("-d", "--dataset", help="dataset name or id (instead of -m)")
     parser.add_argument("-tr", default="nnUNetTrainer", help="trainer (with -d)")

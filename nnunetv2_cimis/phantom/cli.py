@@ -13,6 +13,7 @@ import importlib
 import os
 from typing import List, Optional
 
+from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 
 KINDS = ("abdominal3d", "laparoscopic2d")
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nnUNetv2_cimis_phantom",
                                 description="Write a synthetic phantom dataset as an nnU-Net raw dataset "
                                             "into $nnUNet_raw.")
+    add_version_argument(p)
     p.add_argument("-d", "--dataset-id", type=int, required=True, help="dataset id (1..999), must be free")
     p.add_argument("-n", "--num-cases", type=int, required=True, help="number of training cases")
     p.add_argument("--kind", choices=KINDS, default="abdominal3d",

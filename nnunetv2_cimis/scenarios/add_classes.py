@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.memory.step_memory import STEP_MEMORY_FILENAME
 from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, dataset_id_taken,
@@ -148,6 +149,7 @@ def add_classes(model_folder: str, new_dataset: str, output_id: int, fold: str =
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_argument(p)
     p.add_argument("-m", "--model", required=True, help="trained model folder <trainer>__<plans>__<configuration>")
     p.add_argument("-d", "--dataset", required=True, help="raw dataset (id or name) labelling only new structures")
     p.add_argument("-o", "--output-id", type=int, required=True, help="id of the step dataset to create")

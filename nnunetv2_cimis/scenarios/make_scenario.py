@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, dataset_id_taken,
                                                dataset_name, load_raw_dataset, plain_labels, remap, require_env,
@@ -346,6 +347,7 @@ def _write_test_set(step0_folder: str, sources: List[_Source], test_cases: Dict[
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_argument(p)
     p.add_argument("-d", "--source", required=True, nargs="+",
                    help="fully labelled source dataset (id or name); several for a dataset sequence")
     p.add_argument("-s", "--scenario", required=True,

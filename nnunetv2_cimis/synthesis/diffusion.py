@@ -43,12 +43,21 @@ CACHE_META_FILENAME = "cache.json"
 FORMAT_VERSION = 1
 
 
-def _require_diffusers():
+DDCL_EXTRA_HINT = 'pip install "nnunetv2-cimis[ddcl]"'
+
+
+def require_diffusers():
+    """Import ``diffusers`` (an optional dependency, the extra ``ddcl``) or raise a CIMISError naming the extra."""
     try:
-        import diffusers  # noqa: F401
+        import diffusers
     except ImportError:
-        raise CIMISError("the diffusion replay needs the package 'diffusers' (pip install diffusers)") from None
+        raise CIMISError(f"nnUNetTrainerDDCL's diffusion replay needs the package 'diffusers', which is not "
+                         f"installed. It is the optional extra 'ddcl' of nnunetv2-cimis: install it with "
+                         f"{DDCL_EXTRA_HINT} (or, from a source checkout, pip install -e \".[ddcl]\").") from None
     return diffusers
+
+
+_require_diffusers = require_diffusers
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.synthesis.inversion import (InversionConfig, MaskAugmentation, file_fingerprint,
                                                 synthesize_set)
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate synthetic volumes (patch size of the plans) from a trained step's model by "
                     "mask-conditioned DeepInversion (MOSInversion). Each volume is saved with the model's "
                     "argmax as label and a quality report.")
+    add_version_argument(p)
     src = p.add_argument_group("model (either -m, or -d and -c)")
     src.add_argument("-d", dest="dataset", help="dataset name or id of the trained step")
     src.add_argument("-c", dest="configuration", help="configuration, e.g. 3d_fullres")
@@ -82,23 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="output", default=None,
                    help=f"output folder (default <model folder>/fold_<f>/{DEFAULT_SUBFOLDER})")
     p.add_argument("-n", dest="num_volumes", type=int, default=32, help="number of volumes (default 32)")
-    p.add_argument("--batch_size", type=int, default=2,
+    p.add_argument("--batch-size", "--batch_size", type=int, default=2,
                    help="volumes optimised together; statistics are matched over the batch (default 2)")
     p.add_argument("--iterations", type=int, default=d.iterations, help=f"Adam steps (default {d.iterations})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
-    p.add_argument("--lr_schedule", choices=("poly", "constant"), default=d.lr_schedule,
+    p.add_argument("--lr-schedule", "--lr_schedule", choices=("poly", "constant"), default=d.lr_schedule,
                    help=f"learning-rate schedule (default {d.lr_schedule})")
-    p.add_argument("--dice_weight", type=float, default=d.dice_weight, help=f"default {d.dice_weight}")
-    p.add_argument("--stats_weight", type=float, default=d.stats_weight, help=f"default {d.stats_weight}")
-    p.add_argument("--first_layer_weight", type=float, default=d.first_layer_weight,
+    p.add_argument("--dice-weight", "--dice_weight", type=float, default=d.dice_weight,
+                   help=f"default {d.dice_weight}")
+    p.add_argument("--stats-weight", "--stats_weight", type=float, default=d.stats_weight,
+                   help=f"default {d.stats_weight}")
+    p.add_argument("--first-layer-weight", "--first_layer_weight", type=float, default=d.first_layer_weight,
                    help=f"extra weight of the first normalisation layer (default {d.first_layer_weight})")
-    p.add_argument("--tv_l1_weight", type=float, default=d.tv_l1_weight, help=f"default {d.tv_l1_weight}")
-    p.add_argument("--tv_l2_weight", type=float, default=d.tv_l2_weight, help=f"default {d.tv_l2_weight}")
-    p.add_argument("--no_mask_augmentation", action="store_true",
+    p.add_argument("--tv-l1-weight", "--tv_l1_weight", type=float, default=d.tv_l1_weight,
+                   help=f"default {d.tv_l1_weight}")
+    p.add_argument("--tv-l2-weight", "--tv_l2_weight", type=float, default=d.tv_l2_weight,
+                   help=f"default {d.tv_l2_weight}")
+    p.add_argument("--no-mask-augmentation", "--no_mask_augmentation", action="store_true",
                    help="use the stored label patches as they are (no flips / elastic / affine)")
     p.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("-device", "--device", default=None, help="cpu, cuda or cuda:N (default cuda if available)")
+    p.add_argument("--no-progress", "--no_progress", action="store_true", help="no progress bar")
     return p
 
 

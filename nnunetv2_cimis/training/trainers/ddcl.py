@@ -79,7 +79,7 @@ from nnunetv2_cimis.losses.deep_supervision import apply_over_scales, deep_super
 from nnunetv2_cimis.losses.mib import UnbiasedKnowledgeDistillation
 from nnunetv2_cimis.memory.step_memory import StepMemory
 from nnunetv2_cimis.synthesis.diffusion import (DiffusionConfig, SyntheticImageCache, crops_for_diffusion,
-                                                save_diffusion_model, train_diffusion_model)
+                                                require_diffusers, save_diffusion_model, train_diffusion_model)
 from nnunetv2_cimis.training.incremental_trainer import StepContext, nnUNetTrainerIncremental
 
 MEMORY_KEY = "ddcl_diffusion_models"
@@ -221,6 +221,8 @@ class nnUNetTrainerDDCL(nnUNetTrainerIncremental):
         return optimizer, lr_scheduler
 
     def initialize(self):
+        with exit_on_user_error():
+            require_diffusers()  # fail before training, not when the step's diffusion model is trained at its end
         super().initialize()
         if self.uses_contrast:
             with exit_on_user_error():
