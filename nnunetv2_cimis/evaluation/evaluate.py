@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -260,8 +261,7 @@ def evaluate_scenario(dataset: Union[int, str], configuration: str, plans: str, 
                          "-p, -f and -tr.")
     if missing:
         msg = "skipping models that do not exist:\n  " + "\n  ".join(missing)
-        warnings.warn(msg, stacklevel=2)
-        print("warning: " + msg)
+        warnings.warn(msg, stacklevel=2)  # the command prints it once, as "warning: ..." (see main)
 
     os.makedirs(output_dir, exist_ok=True)
     file_ending = test_set["file_ending"]
@@ -364,8 +364,22 @@ def main(argv: Optional[List[str]] = None) -> None:
     evaluate_scenario(a.dataset, a.configuration, a.plans, a.fold, a.trainers, a.output,
                       joint_trainer=None if a.no_joint else a.joint_trainer, use_mirroring=a.mirroring,
                       device=device, num_processes=a.num_processes, checkpoint_name=a.checkpoint, print_table=True)
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
     print(f"wrote {os.path.join(a.output, 'report.md')}, scores.csv, summary.json and dice_per_class.png")
 
 
+    # a command shows each warning once, as one plain line (not also Python's "file:line: UserWarning" form)
+    previous = warnings.showwarning
+    warnings.showwarning = _print_warning
+    try:
+        _run(a)
+    finally:
+        warnings.showwarning = previous
+
+
+def _run(a: argparse.Namespace) -> None:
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from nnunetv2_cimis.cli import add_version_argument
+from nnunetv2_cimis.cli import add_version_argument, resolve_device
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.memory.compute import DEFAULT_PROTOTYPE_TAP
 
@@ -23,7 +23,8 @@ def main(argv=None):
     parser.add_argument("-c", default="3d_fullres", help="configuration (with -d)")
     parser.add_argument("-f", "--fold", default="0", help="fold")
     parser.add_argument("--tap", default=DEFAULT_PROTOTYPE_TAP, help="module path of the prototype features")
-    parser.add_argument("-device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("-device", "--device", default=None,
+                        help="cuda, cuda:N, cpu or mps (default: cuda when a GPU is present, else cpu)")
     args = parser.parse_args(argv)
     from nnunetv2_cimis.memory.teacher_memory import compute_memory_for_model
     from nnunetv2_cimis.teacher.loading import model_folder_for
@@ -36,5 +37,6 @@ def main(argv=None):
     else:
         raise CIMISError("give the trained model folder with -m, or -d/-tr/-p/-c")
     fold_folder = os.path.join(model, f"fold_{args.fold}")
-    path = compute_memory_for_model(fold_folder, torch.device(args.device), prototype_tap=args.tap)
+    device = resolve_device(args.device)
+    path = compute_memory_for_model(fold_folder, device, prototype_tap=args.tap, progress=True)
     print(f"step memory written to {path}")

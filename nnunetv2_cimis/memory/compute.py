@@ -10,11 +10,13 @@ background statistics, one at the image centre), run the trained network in eval
 """
 from __future__ import annotations
 
+import sys
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from nnunetv2_cimis.features.taps import FeatureTaps, unwrap_network
 from nnunetv2_cimis.losses.common import resize_labels_nearest
@@ -94,7 +96,7 @@ def patch_centres(seg: np.ndarray, labels: Iterable[int], rng: np.random.RandomS
 def compute_step_memory(network: nn.Module, dataset, identifiers: Sequence[str], patch_size: Sequence[int],
                         labels: Dict[int, str], device: torch.device,
                         prototype_tap: str = DEFAULT_PROTOTYPE_TAP, bank_size: int = 32,
-                        max_cases: Optional[int] = None, seed: int = 0) -> StepMemory:
+                        max_cases: Optional[int] = None, seed: int = 0, progress: bool = False) -> StepMemory:
     """One pass over ``identifiers`` of an nnU-Net preprocessed ``dataset`` (an ``nnUNetDataset*`` instance).
 
     Args:
@@ -106,6 +108,7 @@ def compute_step_memory(network: nn.Module, dataset, identifiers: Sequence[str],
         prototype_tap: module path of the prototype features.
         bank_size: maximum number of label crops kept for mask-conditioned synthesis.
         max_cases: use at most this many cases (None: all).
+        progress: show a progress bar (tqdm, on stderr) over the cases.
     """
     was_training = unwrap_network(network).training
     network.eval()
@@ -118,9 +121,8 @@ def compute_step_memory(network: nn.Module, dataset, identifiers: Sequence[str],
     bank: List[np.ndarray] = []
     two_d = len(patch_size) == 2
     try:
-        for case_i, identifier in enumerate(identifiers):
-            if max_cases is not None and case_i >= max_cases:
-                break
+        todo = list(identifiers) if max_cases is None else list(identifiers)[:max_cases]
+        for identifier in tqdm(todo, desc="step memory", unit="case", disable=not progress, file=sys.stderr):
             data, seg, _, _ = dataset.load_case(identifier)
             data = np.asarray(data)
             seg = np.asarray(seg)

@@ -13,7 +13,7 @@ from nnunetv2_cimis.memory.step_memory import STEP_MEMORY_FILENAME, StepMemory
 
 
 def compute_memory_for_model(fold_folder: str, device: torch.device, prototype_tap: str = DEFAULT_PROTOTYPE_TAP,
-                             bank_size: int = 32) -> str:
+                             bank_size: int = 32, progress: bool = False) -> str:
     """Compute and save ``step_memory.pth`` for the trained model in ``fold_folder``.
 
     Uses the model's own preprocessed training cases (``$nnUNet_preprocessed/<dataset>/<data identifier>``,
@@ -53,7 +53,7 @@ def compute_memory_for_model(fold_folder: str, device: torch.device, prototype_t
     labels = {int(v): k for k, v in model.dataset_json["labels"].items() if k != "ignore"}
     dataset = dataset_class(data_folder, identifiers)
     memory = compute_step_memory(model.network, dataset, identifiers, cm["patch_size"], labels, device,
-                                 prototype_tap=prototype_tap, bank_size=bank_size)
+                                 prototype_tap=prototype_tap, bank_size=bank_size, progress=progress)
     path = os.path.join(fold_folder, STEP_MEMORY_FILENAME)
     memory.save(path)
     return path

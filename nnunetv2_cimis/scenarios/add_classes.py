@@ -13,9 +13,10 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -48,12 +49,40 @@ def _read_model_folder(model_folder: str, fold: str):
     return files["plans.json"], files["dataset.json"], ckpt, parts
 
 
+ADDED_BY = "nnUNetv2_cimis_add_classes"
+
+
+def extension_names(model_dataset: str, src_dataset: str, prev_meta: Optional[dict]) -> Tuple[str, str]:
+    """(scenario label, dataset base name) of the step dataset that extends a model with a new dataset's classes.
+
+    The label says what the chain is made of: the model's dataset (without its ``StepK`` suffix), then each added
+    dataset, joined by ``+`` (``Abdomen+Pancreas``, then ``Abdomen+Pancreas+Kidney``); a model whose dataset was
+    itself made here continues its label. Made by ``make_scenario``, the model's scenario label is not reused: the
+    new chain is no longer that scenario. The base name is the label with ``Plus`` for ``+``
+    (``AbdomenPlusPancreas``; the dataset becomes ``DatasetXXX_AbdomenPlusPancreasStep<k>``).
+    """
+    src_base = src_dataset.split("_", 1)[1]
+    if prev_meta is not None and prev_meta.get("created_by") == ADDED_BY and prev_meta.get("scenario"):
+        label = f"{prev_meta['scenario']}+{src_base}"
+    else:
+        model_base = model_dataset.split("_", 1)[1]
+        model_base = re.sub(r"Step\d+$", "", model_base) or model_base
+        label = f"{model_base}+{src_base}"
+    return label, label.replace("+", "Plus")
+
+
 def add_classes(model_folder: str, new_dataset: str, output_id: int, fold: str = "0",
                 classes: Optional[Sequence[str]] = None, name: Optional[str] = None, num_processes: int = 1,
-                compute_teacher_memory: bool = True) -> dict:
-    """Create the next step's dataset (see module docstring). Returns a summary dict."""
+                compute_teacher_memory: bool = True, device: Optional[str] = None) -> dict:
+    """Create the next step's dataset (see module docstring). Returns a summary dict.
+
+    ``device``: where the model's missing step memory is computed (``cuda``, ``cuda:N``, ``cpu``, ``mps``;
+    default: the GPU when one is present, as nnU-Net, else the CPU).
+    """
+    from nnunetv2_cimis.cli import resolve_device
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
 
+    memory_device = resolve_device(device)  # a GPU asked for but absent: say so before any work
     raw_root = require_env("nnUNet_raw")
     pre_root = require_env("nnUNet_preprocessed")
     model_folder = os.path.abspath(model_folder)
@@ -93,11 +122,12 @@ def add_classes(model_folder: str, new_dataset: str, output_id: int, fold: str =
     if METADATA_KEY in model_json:
         prev = read_step_info(model_json, "the model's dataset")
         classes_per_step = prev.classes_per_step[:prev.index + 1] + [list(new_values.values())]
-        scenario, index = prev.scenario, prev.index + 1
+        index = prev.index + 1
     else:
         classes_per_step = [sorted(v for v in old_labels.values() if v != 0), list(new_values.values())]
-        scenario, index = "extend", 1
-    base = name or src_name.split("_", 1)[1]
+        index = 1
+    scenario, default_base = extension_names(plans["dataset_name"], src_name, model_json.get(METADATA_KEY))
+    base = name or default_base
     target_name = f"Dataset{output_id:03d}_{base}Step{index}"
     labels = dict(old_labels, **new_values)
     teacher = {"dataset": plans["dataset_name"], "trainer": trainer, "same_trainer_as_student": False,
@@ -105,6 +135,7 @@ def add_classes(model_folder: str, new_dataset: str, output_id: int, fold: str =
     meta = make_metadata(scenario, index, classes_per_step, teacher, [], None, None, plans["dataset_name"])
     meta["source_dataset"] = src_name
     meta["teacher_model_folder"] = model_folder
+    meta["created_by"] = ADDED_BY
 
     first_case = cases[sorted(cases)[0]]
     io = SegmentationIO(src_json, first_case["images"][0])
@@ -136,7 +167,7 @@ def add_classes(model_folder: str, new_dataset: str, output_id: int, fold: str =
         if compute_teacher_memory:
             from nnunetv2_cimis.memory.teacher_memory import compute_memory_for_model
             try:
-                compute_memory_for_model(os.path.dirname(ckpt), torch.device("cpu"))
+                compute_memory_for_model(os.path.dirname(ckpt), memory_device, progress=True)
                 memory_note = "computed"
             except CIMISError as e:
                 print(f"warning: {e}")
@@ -159,9 +190,12 @@ def main(argv=None):
     p.add_argument("-np", "--num-processes", type=int, default=1)
     p.add_argument("--no-teacher-memory", action="store_true",
                    help="do not compute the model's step memory when it is missing")
+    p.add_argument("-device", "--device", default=None,
+                   help="device of the step-memory pass: cuda, cuda:N, cpu or mps (default: cuda when a GPU is "
+                        "present, else cpu)")
     a = p.parse_args(argv)
     # nnU-Net's planning and preprocessing talk on stdout; keep stdout for the JSON summary
     with contextlib.redirect_stdout(sys.stderr):
         summary = add_classes(a.model, a.dataset, a.output_id, a.fold, a.classes, a.name, a.num_processes,
-                              not a.no_teacher_memory)
+                              not a.no_teacher_memory, a.device)
     print(json.dumps(summary, indent=2))

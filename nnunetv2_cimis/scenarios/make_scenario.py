@@ -62,8 +62,31 @@ def write_splits(preprocessed_folder: str, cases: Sequence[str], seed: int = 123
         json.dump(splits, f, indent=2)
 
 
-def shrink_network(plans_file: str, configuration: str, features_per_stage: Sequence[int]) -> None:
-    """Set smaller ``features_per_stage`` in a plans file (plans are data; the trainers are untouched)."""
+def check_features_per_stage(features_per_stage: Optional[Sequence[int]]) -> Optional[List[int]]:
+    """Validate ``--features-per-stage`` before any work (the number of stages is only known after planning)."""
+    if features_per_stage is None:
+        return None
+    values = list(features_per_stage)
+    if not values or any(int(f) != f or int(f) < 1 for f in values):
+        raise CIMISError(f"--features-per-stage takes positive integers (features of the encoder stages, e.g. "
+                         f"8 16 32 64), got {values}.")
+    return [int(f) for f in values]
+
+
+def fit_features_to_stages(features_per_stage: Sequence[int], n_stages: int) -> List[int]:
+    """``features_per_stage`` for a network of ``n_stages`` stages: a longer list is cut, a shorter one is
+    extended by repeating its last value (keeping the network small: 8 16 32 64 on 6 stages gives
+    8 16 32 64 64 64, as nnU-Net itself repeats its cap of 320 in the deepest stages)."""
+    values = [int(f) for f in features_per_stage]
+    return values[:n_stages] + [values[-1]] * max(0, n_stages - len(values))
+
+
+def shrink_network(plans_file: str, configuration: str, features_per_stage: Sequence[int]) -> List[int]:
+    """Set smaller ``features_per_stage`` in a plans file (plans are data; the trainers are untouched).
+
+    The list is fitted to the planned number of stages (:func:`fit_features_to_stages`); returns what was written.
+    """
+    features_per_stage = check_features_per_stage(features_per_stage)
     with open(plans_file) as f:
         plans = json.load(f)
     if configuration not in plans["configurations"]:
@@ -71,12 +94,13 @@ def shrink_network(plans_file: str, configuration: str, features_per_stage: Sequ
                          f"(planned: {sorted(plans['configurations'])}).")
     kwargs = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
     n = kwargs["n_stages"]
-    if len(features_per_stage) < n:
-        raise CIMISError(f"--features-per-stage needs at least {n} values for this configuration "
-                         f"(it has {n} stages), got {list(features_per_stage)}.")
-    kwargs["features_per_stage"] = [int(f) for f in features_per_stage[:n]]
+    kwargs["features_per_stage"] = fit_features_to_stages(features_per_stage, n)
+    if len(features_per_stage) != n:
+        print(f"--features-per-stage: the planned {configuration} network has {n} stages; using "
+              f"{kwargs['features_per_stage']}", file=sys.stderr)
     with open(plans_file, "w") as f:
         json.dump(plans, f, indent=2)
+    return kwargs["features_per_stage"]
 
 
 def plan_and_preprocess(step0_id: int, other_ids: Sequence[int], configuration: str, planner: str,
@@ -199,6 +223,7 @@ def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Opti
     ``source`` is one dataset (id or name) or, for a dataset sequence, a list of them. Returns a summary dict
     (dataset names, classes per step, case counts). On any error every folder it created is removed again.
     """
+    features_per_stage = check_features_per_stage(features_per_stage)  # before any fingerprinting or planning
     raw_root = require_env("nnUNet_raw")
     source_list = [source] if isinstance(source, (str, int)) else list(source)
     sources = [_load_source(str(s)) for s in source_list]
@@ -363,7 +388,8 @@ def main(argv=None):
     p.add_argument("-pl", "--planner", default="ExperimentPlanner", help="nnU-Net experiment planner class")
     p.add_argument("-p", "--plans-name", default="nnUNetPlans", help="plans identifier written and used")
     p.add_argument("--features-per-stage", type=int, nargs="+", default=None,
-                   help="smaller network: features per encoder stage written into the plans (e.g. 8 16 32 64)")
+                   help="smaller network: features per encoder stage written into the plans (e.g. 8 16 32 64); "
+                        "a list shorter than the planned number of stages is extended by repeating its last value")
     p.add_argument("--step0-trainer", default="nnUNetTrainerFT",
                    help="trainer that trains step 0 (the teacher of step 1)")
     p.add_argument("-np", "--num-processes", type=int, default=1)
