@@ -354,23 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli_entry
-def main(argv: Optional[List[str]] = None) -> None:
-    a = build_parser().parse_args(argv)
-    device = None
-    if a.device is not None:
-        import torch
-        device = torch.device(a.device)
-    evaluate_scenario(a.dataset, a.configuration, a.plans, a.fold, a.trainers, a.output,
-                      joint_trainer=None if a.no_joint else a.joint_trainer, use_mirroring=a.mirroring,
-                      device=device, num_processes=a.num_processes, checkpoint_name=a.checkpoint, print_table=True)
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-    print(f"wrote {os.path.join(a.output, 'report.md')}, scores.csv, summary.json and dice_per_class.png")
-
-
+@cli_entry
+def main(argv: Optional[List[str]] = None) -> None:
+    a = build_parser().parse_args(argv)
     # a command shows each warning once, as one plain line (not also Python's "file:line: UserWarning" form)
     previous = warnings.showwarning
     warnings.showwarning = _print_warning
@@ -381,5 +371,15 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 
 def _run(a: argparse.Namespace) -> None:
+    device = None
+    if a.device is not None:
+        import torch
+        device = torch.device(a.device)
+    evaluate_scenario(a.dataset, a.configuration, a.plans, a.fold, a.trainers, a.output,
+                      joint_trainer=None if a.no_joint else a.joint_trainer, use_mirroring=a.mirroring,
+                      device=device, num_processes=a.num_processes, checkpoint_name=a.checkpoint, print_table=True)
+    print(f"wrote {os.path.join(a.output, 'report.md')}, scores.csv, summary.json and dice_per_class.png")
+
+
 if __name__ == "__main__":
     main()
