@@ -29,6 +29,7 @@ import SimpleITK as sitk
 
 from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError
+from nnunetv2_cimis.integrity import check_file_complete
 
 LABEL_MAP_DIR = Path(__file__).resolve().parent / "label_maps"
 PathLike = Union[str, os.PathLike]
@@ -200,6 +201,7 @@ def read_grid(path: PathLike, drop_last_axis: bool = False) -> Grid:
 def read_label_array(path: PathLike) -> np.ndarray:
     """Voxel data of a label file (NIfTI via SimpleITK, PNG via Pillow); unreadable files raise CIMISError."""
     path = str(path)
+    check_file_complete(path, "label file")  # SimpleITK would fill a truncated file with zeros
     try:
         if path.endswith(".png"):
             from PIL import Image
@@ -315,6 +317,8 @@ class RawDatasetWriter:
     def _write_channels(self, identifier: str, image_files: Sequence[PathLike], split: str) -> Grid:
         if len(image_files) != self.files_per_case:
             raise CIMISError(f"case {identifier}: {len(image_files)} image file(s), expected {self.files_per_case}")
+        for f in image_files:
+            check_file_complete(f, "image")  # SimpleITK would fill a truncated file with zeros
         grids = [read_grid(f) for f in image_files]
         for f, g in zip(image_files[1:], grids[1:]):
             bad = grids[0].mismatch(g)
@@ -328,6 +332,7 @@ class RawDatasetWriter:
     def _write_4d(self, identifier: str, image_4d: PathLike, split: str) -> Grid:
         """Split a 4D image into channel files with nnU-Net's own MSD function."""
         from nnunetv2.dataset_conversion.convert_MSD_dataset import split_4d_nifti
+        check_file_complete(image_4d, "image")
         grid4 = read_grid(image_4d)
         n = grid4.shape[3] if len(grid4.shape) == 4 else 1
         if n != self.num_channels:

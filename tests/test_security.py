@@ -276,3 +276,210 @@ def test_add_classes_refuses_malicious_or_unloadable_model(tiny_scenario, tmp_pa
         main(["-m", os.path.dirname(fold), "-d", steps[1], "-o", "990", "--name", "Evil"])
     assert e.value.code == 2 and "cannot be read" in capsys.readouterr().err
     assert not [d for d in os.listdir(env["nnUNet_raw"]) if d.startswith("Dataset990")]
+
+
+# ------------------------------------------------------------------------------------------ 2. one name rule
+@pytest.fixture
+def roots(tmp_path, monkeypatch):
+    for k in ("raw", "preprocessed", "results"):
+        (tmp_path / k).mkdir()
+        monkeypatch.setenv(f"nnUNet_{k}", str(tmp_path / k))
+    return tmp_path
+
+
+def _phantom(roots, dataset_id=300, n=8):
+    from nnunetv2_cimis.phantom.abdominal3d import write_abdominal_phantom
+    return write_abdominal_phantom(str(roots / "raw"), dataset_id, n, shape=(16, 16, 16), seed=0)
+
+
+BAD_NAMES = ["../../../outside", "a/b", ".hidden", "", "a b", "..", "x\\..\\y"]
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES)
+def test_one_name_rule_everywhere(bad, tmp_path, monkeypatch):
+    """naming.check_dataset_name is the rule of the converters, the phantoms, make_scenario and add_classes."""
+    from dataset_conversion.common import dataset_folder_name as converter_rule
+    from nnunetv2_cimis.naming import check_dataset_name
+    from nnunetv2_cimis.phantom.abdominal3d import write_abdominal_phantom
+    from nnunetv2_cimis.phantom.laparoscopic2d import write_laparoscopic_phantom
+    for call in (lambda: check_dataset_name(bad), lambda: converter_rule(5, bad),
+                 lambda: write_abdominal_phantom(str(tmp_path / "raw"), 5, 1, dataset_name=bad),
+                 lambda: write_laparoscopic_phantom(str(tmp_path / "raw"), 5, 1, dataset_name=bad)):
+        with pytest.raises(CIMISError, match="may only hold letters, digits"):
+            call()
+    assert not (tmp_path / "raw").exists() or not os.listdir(tmp_path / "raw")
+
+
+def test_make_scenario_refuses_an_escaping_name(roots, capsys):
+    from nnunetv2_cimis.scenarios.make_scenario import main
+    _phantom(roots)
+    outside = roots / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    before = sorted(os.listdir(roots))
+    with pytest.raises(SystemExit) as e:
+        main(["-d", "300", "-s", "4-4", "--ids", "301", "302", "--name", "../../../outside", "--no-preprocess"])
+    assert e.value.code == 2 and "--name" in capsys.readouterr().err
+    assert sorted(os.listdir(roots)) == before and (outside / "keep.txt").read_text() == "mine"
+    assert os.listdir(roots / "raw") == ["Dataset300_AbdominalPhantom"]
+
+
+def test_make_scenario_clean_up_removes_only_what_it_created(roots, monkeypatch):
+    """A folder that appears between the id check and the write (another user, another run) makes the run fail;
+    the clean-up removes the datasets this run wrote and leaves that folder alone."""
+    import nnunetv2_cimis.scenarios.make_scenario as ms
+    _phantom(roots)
+    theirs = roots / "raw" / "Dataset302_AbdominalPhantomStep1"
+    theirs.mkdir()
+    (theirs / "dataset.json").write_text("{}")
+    monkeypatch.setattr(ms, "dataset_id_taken", lambda i: None)
+    with pytest.raises(CIMISError, match="already exists"):
+        ms.make_scenario("300", "4-4", [301, 302], preprocess=False)
+    assert (theirs / "dataset.json").read_text() == "{}"
+    assert sorted(os.listdir(roots / "raw")) == ["Dataset300_AbdominalPhantom", "Dataset302_AbdominalPhantomStep1"]
+
+
+@pytest.mark.parametrize("args, fragment", [(["-o", "0"], "1..999"), (["-o", "-3"], "1..999"),
+                                            (["-o", "1000"], "1..999"),
+                                            (["-o", "5", "--name", "../../x"], "--name")])
+def test_add_classes_refuses_bad_ids_and_names_first(roots, capsys, args, fragment):
+    from nnunetv2_cimis.scenarios.add_classes import main
+    with pytest.raises(SystemExit) as e:
+        main(["-m", str(roots / "no_model"), "-d", "1", *args])
+    assert e.value.code == 2 and fragment in capsys.readouterr().err
+    assert all(not os.listdir(roots / k) for k in ("raw", "preprocessed", "results"))
+
+
+def test_make_scenario_refuses_bad_ids(roots, capsys):
+    from nnunetv2_cimis.scenarios.make_scenario import main
+    _phantom(roots)
+    for ids in (["0", "1"], ["998", "999"]):  # 999 + 1: the joint dataset would be 1000
+        with pytest.raises(SystemExit) as e:
+            main(["-d", "300", "-s", "4-4", "--ids", *ids, "--no-preprocess"])
+        assert e.value.code == 2 and "1..999" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ 3. case identifiers
+def _use_dataset_key(folder, rename):
+    """Rewrite a raw dataset's dataset.json to list its cases under the 'dataset' key, renaming some."""
+    with open(os.path.join(folder, "dataset.json")) as f:
+        ds = json.load(f)
+    entries = {}
+    for name in sorted(os.listdir(os.path.join(folder, "labelsTr"))):
+        case = name[:-len(".nii.gz")]
+        entries[rename.get(case, case)] = {"images": [os.path.join(folder, "imagesTr", case + "_0000.nii.gz")],
+                                           "label": os.path.join(folder, "labelsTr", name)}
+    ds["dataset"] = entries
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump(ds, f)
+    return sorted(entries)
+
+
+def test_make_scenario_refuses_escaping_case_ids(roots, capsys):
+    from nnunetv2_cimis.scenarios.make_scenario import main
+    folder = _phantom(roots)
+    first = sorted(os.listdir(os.path.join(folder, "labelsTr")))[0][:-len(".nii.gz")]
+    _use_dataset_key(folder, {first: "../../../escaped"})
+    with pytest.raises(SystemExit) as e:
+        main(["-d", "300", "-s", "4-4", "--ids", "301", "302", "--no-preprocess"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "../../../escaped" in err and "case identifier" in err
+    assert not any("escaped" in f for _, _, files in os.walk(roots) for f in files)
+    assert os.listdir(roots / "raw") == ["Dataset300_AbdominalPhantom"]
+
+
+def test_evaluate_refuses_escaping_test_case_ids(tmp_path):
+    from nnunetv2_cimis.evaluation.evaluate import load_test_set
+    (tmp_path / "img.nii.gz").write_bytes(b"x")
+    (tmp_path / "lab.nii.gz").write_bytes(b"x")
+    for case, ending in (("../../victim", ".nii.gz"), ("ok", "/../../x.nii.gz")):
+        path = tmp_path / "test_set.json"
+        path.write_text(json.dumps({"file_ending": ending, "labels": {"background": 0, "a": 1},
+                                    "cases": {case: {"images": [str(tmp_path / "img.nii.gz")],
+                                                     "label": str(tmp_path / "lab.nii.gz")}}}))
+        with pytest.raises(CIMISError, match="case identifier|file_ending"):
+            load_test_set(str(path))
+
+
+@pytest.mark.parametrize("key, value", [("step_datasets", ["Dataset301_AStep0", "../../../x"]),
+                                        ("joint_dataset", "../x"), ("teacher", {"dataset": "/etc", "trainer": "FT"}),
+                                        ("teacher", {"dataset": "Dataset301_AStep0", "trainer": "../x"})])
+def test_step_metadata_names_are_checked(key, value):
+    from nnunetv2_cimis.scenarios.step_metadata import make_metadata, read_step_info
+    meta = make_metadata("s", 1, [[1], [2]], {"dataset": "Dataset301_AStep0", "trainer": "nnUNetTrainerFT",
+                                               "same_trainer_as_student": False},
+                         ["Dataset301_AStep0", "Dataset302_AStep1"], "Dataset303_AJoint", None, None)
+    meta[key] = value
+    with pytest.raises(CIMISError, match="recreate|trainer class name|not a dataset folder name"):
+        read_step_info({"labels": {"background": 0, "a": 1, "b": 2}, "cimis": meta}, "Dataset302_AStep1")
+
+
+# ------------------------------------------------------------------------------------------ 4. truncated files
+def _truncate(path, keep=0.5):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: int(len(data) * keep)])
+
+
+def test_truncated_gzip_is_refused_where_sitk_would_pad_with_zeros(tmp_path):
+    import SimpleITK as sitk
+    from nnunetv2_cimis.integrity import check_file_complete
+    a = np.random.RandomState(0).randint(-1000, 1000, (24, 24, 24)).astype(np.int16)
+    for name in ("a.nii.gz", "a.nii"):
+        sitk.WriteImage(sitk.GetImageFromArray(a), str(tmp_path / name), name.endswith(".gz"))
+        check_file_complete(str(tmp_path / name))  # complete files pass
+        _truncate(tmp_path / name)
+        with pytest.raises(CIMISError, match=f"cannot read the image .*{name}.*truncated"):
+            check_file_complete(str(tmp_path / name), "image")
+    # what the check protects against: SimpleITK reads the truncated file and fills it with zeros
+    assert (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a.nii.gz"))) != a).mean() > 0.3
+
+
+@pytest.mark.parametrize("which", ["imagesTr", "labelsTr"])
+def test_make_scenario_refuses_truncated_inputs(roots, capsys, which):
+    from nnunetv2_cimis.scenarios.make_scenario import main
+    folder = _phantom(roots)
+    victim = sorted(os.listdir(os.path.join(folder, which)))[3]
+    _truncate(os.path.join(folder, which, victim))
+    with pytest.raises(SystemExit) as e:
+        main(["-d", "300", "-s", "4-4", "--ids", "301", "302", "--no-preprocess"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and victim in err and "truncated" in err
+    assert os.listdir(roots / "raw") == ["Dataset300_AbdominalPhantom"]
+
+
+@pytest.mark.parametrize("which", ["img", "label"])
+def test_converter_refuses_truncated_inputs(tmp_path, monkeypatch, which):
+    from test_conversion import fab_btcv
+    from dataset_conversion import btcv
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
+    monkeypatch.delenv("nnUNet_results", raising=False)
+    fab_btcv(tmp_path / "dl")
+    victim = tmp_path / "dl" / "RawData" / "Training" / which / f"{which}0002.nii.gz"
+    _truncate(victim)
+    with pytest.raises(CIMISError, match=f"{victim.name}.*truncated"):
+        btcv.convert(tmp_path / "dl", 501)
+    assert os.listdir(tmp_path / "raw") == []
+
+
+# ------------------------------------------------------------------------------------------ 5. SIGTERM
+def test_sigterm_during_make_scenario_cleans_up_like_ctrl_c(roots, monkeypatch):
+    import signal
+    import nnunetv2_cimis.scenarios.make_scenario as ms
+    _phantom(roots)
+    real_write_joint = ms._write_joint
+
+    def write_joint_then_get_killed(*args, **kwargs):
+        real_write_joint(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` / SLURM send
+
+    monkeypatch.setattr(ms, "_write_joint", write_joint_then_get_killed)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        ms.make_scenario("300", "4-4", [301, 302], preprocess=False)
+    assert os.listdir(roots / "raw") == ["Dataset300_AbdominalPhantom"]  # steps and joint removed again
+    assert signal.getsignal(signal.SIGTERM) is before  # handler restored
+    # and the ids are free for a rerun
+    monkeypatch.setattr(ms, "_write_joint", real_write_joint)
+    assert ms.make_scenario("300", "4-4", [301, 302], preprocess=False)["step_datasets"]

@@ -70,8 +70,18 @@ def load_test_set(path: str, step0_folder: Optional[str] = None) -> dict:
             raise CIMISError(f"{path} lacks the key '{key}'; recreate the scenario with nnUNetv2_cimis_make_scenario")
     if not ts["cases"]:
         raise CIMISError(f"{path} lists no test cases; make the scenario with a test fraction > 0")
+    from nnunetv2_cimis.naming import check_case_identifier, check_file_ending
+    check_file_ending(ts["file_ending"], path)
+    if not isinstance(ts["cases"], dict):
+        raise CIMISError(f"{path}: 'cases' must map case identifiers to their files; recreate the scenario")
     base = os.path.dirname(os.path.abspath(path))
     for case, entry in ts["cases"].items():
+        # reference and prediction files are named after the case: nothing may leave the output folder
+        check_case_identifier(case, path)
+        if not isinstance(entry, dict) or not isinstance(entry.get("label"), str) or \
+                not isinstance(entry.get("images"), list) or not all(isinstance(p, str) for p in entry["images"]):
+            raise CIMISError(f"{path}: test case {case} must have 'images' (a list of files) and 'label' (a file); "
+                             f"recreate the scenario with nnUNetv2_cimis_make_scenario")
         entry["label"] = os.path.join(base, entry["label"]) if not os.path.isabs(entry["label"]) else entry["label"]
         entry["images"] = [p if os.path.isabs(p) else os.path.join(base, p) for p in entry["images"]]
         for p in [entry["label"]] + entry["images"]:

@@ -277,8 +277,8 @@ def write_abdominal_phantom(raw_folder: str, dataset_id: int, num_cases: int,
     if len(spacing) != 3 or min(spacing) <= 0:
         raise CIMISError(f"spacing must be three positive numbers (z, y, x), got {spacing}")
     organs = _check_organs(organs)
-    if not dataset_name or "/" in dataset_name or os.sep in dataset_name:
-        raise CIMISError(f"dataset_name must be a plain folder-name part, got {dataset_name!r}")
+    from nnunetv2_cimis.naming import check_dataset_name
+    check_dataset_name(dataset_name, "dataset_name (--name)")
 
     folder_name = f"Dataset{int(dataset_id):03d}_{dataset_name}"
     os.makedirs(raw_folder, exist_ok=True)

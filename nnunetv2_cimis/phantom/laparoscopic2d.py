@@ -248,8 +248,8 @@ def write_laparoscopic_phantom(raw_folder: str, dataset_id: int, num_cases: int,
         raise CIMISError(f"structures_per_frame must be >= 1 or None, got {structures_per_frame}")
     shape = _check_shape(shape)
     structures = _check_structures(structures)
-    if not dataset_name or "/" in dataset_name or os.sep in dataset_name:
-        raise CIMISError(f"dataset_name must be a plain folder-name part, got {dataset_name!r}")
+    from nnunetv2_cimis.naming import check_dataset_name
+    check_dataset_name(dataset_name, "dataset_name (--name)")
 
     folder_name = f"Dataset{int(dataset_id):03d}_{dataset_name}"
     os.makedirs(raw_folder, exist_ok=True)

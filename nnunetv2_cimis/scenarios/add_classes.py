@@ -23,9 +23,10 @@ import torch
 from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.memory.step_memory import STEP_MEMORY_FILENAME
+from nnunetv2_cimis.naming import check_dataset_id, check_dataset_name, dataset_folder_name
 from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, dataset_id_taken,
                                                dataset_name, load_raw_dataset, plain_labels, require_env,
-                                               write_label_dataset)
+                                               sigterm_as_interrupt, write_label_dataset)
 from nnunetv2_cimis.scenarios.make_scenario import write_splits
 from nnunetv2_cimis.scenarios.step_metadata import METADATA_KEY, make_metadata, read_step_info
 
@@ -82,6 +83,9 @@ def add_classes(model_folder: str, new_dataset: str, output_id: int, fold: str =
     from nnunetv2_cimis.cli import resolve_device
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
 
+    check_dataset_id(output_id, "-o/--output-id")
+    if name is not None:
+        check_dataset_name(name, "--name")
     memory_device = resolve_device(device)  # a GPU asked for but absent: say so before any work
     raw_root = require_env("nnUNet_raw")
     pre_root = require_env("nnUNet_preprocessed")
@@ -128,7 +132,7 @@ def add_classes(model_folder: str, new_dataset: str, output_id: int, fold: str =
         index = 1
     scenario, default_base = extension_names(plans["dataset_name"], src_name, model_json.get(METADATA_KEY))
     base = name or default_base
-    target_name = f"Dataset{output_id:03d}_{base}Step{index}"
+    target_name = dataset_folder_name(output_id, f"{base}Step{index}", "-o/--output-id", "--name")
     labels = dict(old_labels, **new_values)
     teacher = {"dataset": plans["dataset_name"], "trainer": trainer, "same_trainer_as_student": False,
                "checkpoint": ckpt}
@@ -140,9 +144,15 @@ def add_classes(model_folder: str, new_dataset: str, output_id: int, fold: str =
     first_case = cases[sorted(cases)[0]]
     io = SegmentationIO(src_json, first_case["images"][0])
     for c in sorted(cases):
-        check_images_readable(io, cases[c]["images"][:1])
+        check_images_readable(io, cases[c]["images"])
     raw_target = os.path.join(raw_root, target_name)
     pre_target = os.path.join(pre_root, target_name)
+    # clean-up removes only what this run created (never a folder that was there before)
+    created = [p for p in (raw_target, pre_target) if not os.path.lexists(p)]
+    if len(created) < 2:
+        raise CIMISError(f"{raw_target if raw_target not in created else pre_target} already exists; choose a free "
+                         f"dataset id with -o or remove that folder.")
+    restore_sigterm = sigterm_as_interrupt()
     try:
         write_label_dataset(raw_target, src_json, cases, labels, {src_labels[c]: v for c, v in new_values.items()},
                             list(src_labels.values()), io, extra={METADATA_KEY: meta})
@@ -158,9 +168,11 @@ def add_classes(model_folder: str, new_dataset: str, output_id: int, fold: str =
                            show_progress_bar=False)
         write_splits(pre_target, list(cases))
     except BaseException:
-        shutil.rmtree(raw_target, ignore_errors=True)
-        shutil.rmtree(pre_target, ignore_errors=True)
+        for folder in created:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
+    finally:
+        restore_sigterm()
     memory_note = "present"
     if not os.path.isfile(os.path.join(os.path.dirname(ckpt), STEP_MEMORY_FILENAME)):
         memory_note = "missing"

@@ -11,12 +11,16 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from nnunetv2_cimis.errors import CIMISError
+from nnunetv2_cimis.integrity import check_file_complete
+from nnunetv2_cimis.naming import check_case_identifier, check_file_ending
 
 
 def require_env(name: str) -> str:
@@ -61,9 +65,12 @@ def load_raw_dataset(name: str) -> Tuple[str, dict, Dict[str, dict]]:
     for key in ("labels", "channel_names", "file_ending"):
         if key not in dataset_json:
             raise CIMISError(f"{path} lacks the required key '{key}'.")
+    check_file_ending(dataset_json["file_ending"], path)
     cases = get_filenames_of_train_images_and_targets(folder, dataset_json)
     if not cases:
         raise CIMISError(f"{name} has no training cases (imagesTr/labelsTr are empty).")
+    for case in cases:  # label files of new datasets are named after them: nothing may leave the dataset folder
+        check_case_identifier(case, f"{path}")
     for case, files in cases.items():
         for f_ in list(files["images"]) + [files["label"]]:
             if not os.path.isfile(f_):
@@ -94,6 +101,7 @@ class SegmentationIO:
         self.rw = determine_reader_writer_from_dataset_json(dataset_json, example_file, verbose=False)()
 
     def read(self, path: str) -> Tuple[np.ndarray, dict]:
+        check_file_complete(path, "label file")  # SimpleITK would fill a truncated file with zeros
         try:
             seg, props = self.rw.read_seg(path)
         except Exception as e:
@@ -105,8 +113,10 @@ class SegmentationIO:
 
 
 def check_images_readable(io: SegmentationIO, images: Sequence[str]) -> None:
-    """Open each image once (header and data), so a corrupt file is named now rather than deep in nnU-Net."""
+    """Open each image once (header and data), so a corrupt file is named now rather than deep in nnU-Net;
+    truncated files (which SimpleITK would fill with zeros) are refused."""
     for p in images:
+        check_file_complete(p, "image")
         try:
             io.rw.read_images([p])
         except Exception as e:
@@ -126,6 +136,20 @@ def remap(seg: np.ndarray, mapping: Mapping[int, int], known: Sequence[int], whe
     for src, dst in mapping.items():
         lut[src] = dst
     return lut[seg.astype(np.int64)]
+
+
+def sigterm_as_interrupt() -> Callable[[], None]:
+    """Handle SIGTERM (what ``timeout``, SLURM and ``kill`` send) like Ctrl-C: raise KeyboardInterrupt, so the
+    caller's clean-up runs. Returns the function that restores the previous handler (a no-op outside the main
+    thread, where Python cannot install handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

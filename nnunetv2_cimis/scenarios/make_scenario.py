@@ -21,9 +21,10 @@ import numpy as np
 
 from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
+from nnunetv2_cimis.naming import check_dataset_id, check_dataset_name, dataset_folder_name
 from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, dataset_id_taken,
                                                dataset_name, load_raw_dataset, plain_labels, remap, require_env,
-                                               staged_folder, write_label_dataset)
+                                               sigterm_as_interrupt, staged_folder, write_label_dataset)
 from nnunetv2_cimis.scenarios.scenario import load_sequences, parse_scenario, scenario_label
 from nnunetv2_cimis.scenarios.step_metadata import METADATA_KEY, make_metadata
 
@@ -160,7 +161,7 @@ def _load_source(dataset: str) -> _Source:
     source = _Source(name, dataset_json, plain_labels(dataset_json, name), cases,
                      SegmentationIO(dataset_json, first["images"][0]))
     for c in sorted(cases):
-        check_images_readable(source.io, cases[c]["images"][:1])
+        check_images_readable(source.io, cases[c]["images"])
     return source
 
 
@@ -223,6 +224,8 @@ def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Opti
     ``source`` is one dataset (id or name) or, for a dataset sequence, a list of them. Returns a summary dict
     (dataset names, classes per step, case counts). On any error every folder it created is removed again.
     """
+    if name is not None:
+        check_dataset_name(name, "--name")
     features_per_stage = check_features_per_stage(features_per_stage)  # before any fingerprinting or planning
     raw_root = require_env("nnUNet_raw")
     source_list = [source] if isinstance(source, (str, int)) else list(source)
@@ -246,14 +249,13 @@ def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Opti
     if len(set(all_ids)) != len(all_ids):
         raise CIMISError(f"The target dataset ids {all_ids} (steps and joint) must be distinct.")
     for i in all_ids:
-        if not 1 <= i <= 999:
-            raise CIMISError(f"Dataset ids must be in 1..999, got {i}.")
+        check_dataset_id(i, "--ids / --joint-id")
         taken = dataset_id_taken(i)
         if taken:
             raise CIMISError(f"Dataset id {i} is already used by {taken}; choose free ids.")
     base_name = name or (sources[0].name.split("_", 1)[1] if len(sources) == 1 else "Sequence")
-    names = [f"Dataset{i:03d}_{base_name}Step{t}" for t, i in enumerate(step_ids)]
-    joint_name = f"Dataset{joint_id:03d}_{base_name}Joint"
+    names = [dataset_folder_name(i, f"{base_name}Step{t}", "--ids", "--name") for t, i in enumerate(step_ids)]
+    joint_name = dataset_folder_name(joint_id, f"{base_name}Joint", "--joint-id", "--name")
     global_value = {g: k + 1 for k, g in enumerate(g for grp in groups for g in grp)}
     classes_per_step = [[global_value[g] for g in grp] for grp in groups]
     label_values_all = {"background": 0, **global_value}
@@ -273,7 +275,13 @@ def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Opti
     def entries(k: int, case_ids: Sequence[str]) -> Dict[str, dict]:
         return {sources[k].prefix + c: sources[k].cases[c] for c in case_ids}
 
-    created: List[str] = []
+    created: List[str] = []  # only folders this run created: clean-up never touches anything else
+
+    def claim(folder: str) -> None:
+        if not os.path.lexists(folder):
+            created.append(folder)
+
+    restore_sigterm = sigterm_as_interrupt()  # `timeout` / SLURM stop a run like Ctrl-C: cleaned up alike
     try:
         step0_folder = os.path.join(raw_root, names[0])
         test_json_path = os.path.join(step0_folder, TEST_SET_FILENAME)
@@ -290,19 +298,20 @@ def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Opti
             meta["class_names_per_step"] = groups
             meta["source_dataset"] = src.name
             folder = os.path.join(raw_root, names[t])
-            created.append(folder)
+            claim(folder)
             write_label_dataset(folder, src.json, entries(k, subset), labels,
                                 {src.labels[c]: global_value[g] for c, g in pairs}, list(src.labels.values()),
                                 src.io, extra={METADATA_KEY: meta})
         folder = os.path.join(raw_root, joint_name)
-        created.append(folder)
+        claim(folder)
         _write_joint(folder, sources, steps, subsets, label_values_all, source_mapping,
                      {"scenario": scenario_label(scenario, groups), "step_datasets": names,
                       "source_datasets": [s.name for s in sources]})
         _write_test_set(step0_folder, sources, test_cases, label_values_all, source_mapping)
         if preprocess:
             pre = require_env("nnUNet_preprocessed")
-            created += [os.path.join(pre, n) for n in names + [joint_name]]
+            for n in names + [joint_name]:
+                claim(os.path.join(pre, n))
             plan_and_preprocess(step_ids[0], list(step_ids[1:]) + [joint_id], configuration, planner, plans_name,
                                 features_per_stage, num_processes)
             joint_cases = [sources[k].prefix + c for t, (k, _) in enumerate(steps) for c in subsets[t]]
@@ -313,6 +322,8 @@ def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Opti
         for folder in created:
             shutil.rmtree(folder, ignore_errors=True)
         raise
+    finally:
+        restore_sigterm()
     return {"step_datasets": names, "joint_dataset": joint_name, "classes_per_step": groups,
             "global_labels": label_values_all, "cases_per_step": [len(s) for s in subsets],
             "test_cases": sum(len(v) for v in test_cases.values()), "plans": plans_name,
