@@ -146,6 +146,23 @@ def torch_load_weights_only(what: str = "checkpoint", preloaded: Optional[Dict[s
         torch.load = previous
 
 
+def load_json_object(path: str, what: str) -> dict:
+    """Read a JSON file that must hold an object (dataset.json, plans.json, ...); a missing, malformed or
+    non-object file raises :class:`CIMISError` naming it, instead of a traceback."""
+    import json
+    if not os.path.isfile(path):
+        raise CIMISError(f"The {what} {path} does not exist.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CIMISError(f"The {what} {path} is not valid JSON ({e}); fix or recreate it.") from None
+    if not isinstance(content, dict):
+        raise CIMISError(f"The {what} {path} must hold a JSON object, got {type(content).__name__}; fix or "
+                         f"recreate it.")
+    return content
+
+
 def check_checkpoint(path: str, what: str = "checkpoint") -> None:
     """Load ``path`` weights-only and drop it: refuse a file that would run code before handing it to nnU-Net
     (whose predictor and trainer load with ``weights_only=False``)."""
@@ -155,4 +172,4 @@ def check_checkpoint(path: str, what: str = "checkpoint") -> None:
 
 
 __all__: Tuple[str, ...] = ("ENV_TRUST", "ALLOWED_NUMPY_GLOBALS", "trust_enabled", "load_weights_only",
-                            "check_checkpoint", "torch_load_weights_only")
+                            "check_checkpoint", "torch_load_weights_only", "load_json_object")

@@ -61,6 +61,18 @@ def incremental_lr(default: float) -> float:
     return default if value is None else value
 
 
+def _check_finite(value: Any, where: str) -> None:
+    """Refuse NaN / inf anywhere in a parsed JSON value (1e999 parses to inf without passing parse_constant)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CIMISError(f"{where} holds {value}: hyperparameters must be finite numbers")
+    if isinstance(value, dict):
+        for v in value.values():
+            _check_finite(v, where)
+    elif isinstance(value, list):
+        for v in value:
+            _check_finite(v, where)
+
+
 def resolve_hyperparameters(defaults: Mapping[str, Any], trainer_name: str) -> Dict[str, Any]:
     """Merge ``nnUNet_cimis_hparams`` into a method's defaults; unknown names are an error.
 
@@ -76,10 +88,14 @@ def resolve_hyperparameters(defaults: Mapping[str, Any], trainer_name: str) -> D
             text = f.read()
     else:
         text = raw
+    def refuse_constant(name):
+        raise CIMISError(f"{ENV_HPARAMS} holds {name}: hyperparameters must be finite numbers")
+
     try:
-        overrides = json.loads(text)
+        overrides = json.loads(text, parse_constant=refuse_constant)
     except json.JSONDecodeError as e:
         raise CIMISError(f"{ENV_HPARAMS} is neither a JSON object nor the path of a JSON file ({e})") from None
+    _check_finite(overrides, ENV_HPARAMS)
     if not isinstance(overrides, dict):
         raise CIMISError(f"{ENV_HPARAMS} must hold a JSON object, got {type(overrides).__name__}")
     if trainer_name in overrides and isinstance(overrides[trainer_name], dict):

@@ -483,3 +483,123 @@ def test_sigterm_during_make_scenario_cleans_up_like_ctrl_c(roots, monkeypatch):
     # and the ids are free for a rerun
     monkeypatch.setattr(ms, "_write_joint", real_write_joint)
     assert ms.make_scenario("300", "4-4", [301, 302], preprocess=False)["step_datasets"]
+
+
+# ------------------------------------------------------------------------------------------ 7. malformed JSON
+def test_malformed_source_dataset_json_is_an_error(roots, capsys):
+    from nnunetv2_cimis.scenarios.make_scenario import main
+    folder = _phantom(roots)
+    for content in ("{not json", "[1, 2]", json.dumps({"labels": [1], "channel_names": {"0": "CT"},
+                                                       "file_ending": ".nii.gz", "numTraining": 8})):
+        with open(os.path.join(folder, "dataset.json"), "w") as f:
+            f.write(content)
+        with pytest.raises(SystemExit) as e:
+            main(["-d", "300", "-s", "4-4", "--ids", "301", "302", "--no-preprocess"])
+        assert e.value.code == 2 and "dataset.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["{broken", "[]", json.dumps({"dataset_name": "Dataset001_X"})])
+def test_malformed_model_plans_is_an_error(tmp_path, roots, capsys, content):
+    from nnunetv2_cimis.scenarios.add_classes import main
+    from nnunetv2_cimis.teacher.loading import load_teacher
+    model = _model_folder(tmp_path / "m")
+    torch.save({"network_weights": {}, "init_args": {"configuration": "3d_fullres"}},
+               os.path.join(model, "fold_0", "checkpoint_final.pth"))
+    with open(os.path.join(model, "plans.json"), "w") as f:
+        f.write(content)
+    with pytest.raises(CIMISError, match="plans"):
+        load_teacher(os.path.join(model, "fold_0", "checkpoint_final.pth"), torch.device("cpu"))
+    with pytest.raises(SystemExit) as e:
+        main(["-m", model, "-d", "1", "-o", "5"])
+    assert e.value.code == 2 and "plans.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit", [lambda ds: ds.update(cimis=[1, 2]),
+                                  lambda ds: ds["cimis"].update(num_steps="two"),
+                                  lambda ds: ds["cimis"].update(step_datasets="Dataset301_A"),
+                                  lambda ds: ds.update(labels=["background", "a"])])
+def test_malformed_cimis_block_is_an_error(edit):
+    from nnunetv2_cimis.scenarios.step_metadata import make_metadata, read_step_info
+    ds = {"labels": {"background": 0, "a": 1}, "cimis": make_metadata("s", 0, [[1], [2]], None, [], None, None, None)}
+    edit(ds)
+    with pytest.raises(CIMISError):
+        read_step_info(ds, "Dataset301_A")
+
+
+# ------------------------------------------------------------------------------------------ 9. non-finite numbers
+@pytest.mark.parametrize("raw", ['{"kd_weight": NaN}', '{"kd_weight": Infinity}', '{"kd_weight": -Infinity}',
+                                 '{"kd_weight": 1e999}', '{"nnUNetTrainerX": {"kd_weight": NaN}}'])
+def test_non_finite_hyperparameters_refused(raw, monkeypatch):
+    from nnunetv2_cimis.settings import resolve_hyperparameters
+    monkeypatch.setenv("nnUNet_cimis_hparams", raw)
+    with pytest.raises(CIMISError, match="finite"):
+        resolve_hyperparameters({"kd_weight": 1.0}, "nnUNetTrainerX")
+
+
+def test_run_with_non_finite_loss_stops_with_a_clear_message():
+    from types import SimpleNamespace
+    from nnunetv2_cimis.training.incremental_trainer import nnUNetTrainerIncremental
+    log = []
+    t = SimpleNamespace(max_nonfinite_iterations=3, current_epoch=7, hp={"kd_weight": 10.0}, initial_lr=1e-2,
+                        print_to_log_file=log.append)
+    check = nnUNetTrainerIncremental._check_loss_finite
+    for loss in (np.float32(np.nan), np.float32(np.inf), np.float32(0.5), np.float32(np.nan), np.float32(np.nan)):
+        check(t, {"loss": loss})  # a finite loss in between resets the count
+    with pytest.raises(SystemExit, match="not finite .* for 3 iterations in a row") as e:
+        check(t, {"loss": np.array(np.nan)})
+    assert "kd_weight" in str(e.value) and log
+
+
+# ------------------------------------------------------------------------------------------ 10. warnings at start
+def test_warns_when_no_training_case_has_a_new_class(tmp_path, capsys):
+    import pickle
+    from types import SimpleNamespace
+    from nnunetv2_cimis.scenarios.step_metadata import make_metadata, read_step_info
+    from nnunetv2_cimis.training.incremental_trainer import nnUNetTrainerIncremental
+    step = read_step_info({"labels": {"background": 0, "liver": 1, "spleen": 2, "kidney": 3},
+                           "cimis": make_metadata("s", 1, [[1], [2, 3]], {"dataset": "Dataset301_AStep0",
+                                                                         "trainer": "nnUNetTrainerFT"},
+                                                  [], None, None, None)}, "Dataset302_AStep1")
+    for i, present in enumerate(([2], [])):  # spleen in one case, kidney nowhere
+        with open(tmp_path / f"case{i}.pkl", "wb") as f:
+            pickle.dump({"class_locations": {v: (np.ones((2, 4)) if v in present else np.zeros((0, 4)))
+                                             for v in (1, 2, 3) if v != 1}}, f)
+    log = []
+    t = SimpleNamespace(step=step, preprocessed_dataset_folder=str(tmp_path), print_to_log_file=log.append)
+    nnUNetTrainerIncremental._check_no_old_labels_in_masks(t)
+    assert len(log) == 1 and "[3]" in log[0] and "kidney" in log[0] and "WARNING" in log[0]
+
+
+# ------------------------------------------------------------------------------------------ 8. atomic checkpoint
+@pytest.mark.e2e
+def test_checkpoint_with_method_state_is_one_atomic_save(tiny_scenario, tmp_path, monkeypatch, capsys):
+    from e2e_utils import build_trainer
+    from nnunetv2_cimis.training.incremental_trainer import nnUNetTrainerFT
+    t = build_trainer(tiny_scenario["step_datasets"][0], nnUNetTrainerFT)
+    t.initialize()
+    path = str(tmp_path / "checkpoint_latest.pth")
+    saves = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (saves.append(a[1]), real_save(*a, **k))[1])
+    t.save_checkpoint(path)
+    assert len(saves) == 1 and saves[0] != path  # one save, to a temporary file renamed into place
+    first = load_weights_only(path)
+    assert first["cimis_state"]["step"] == 0 and first["network_weights"]
+
+    def killed_while_writing(obj, f, *a, **k):  # the process dies half-way through writing the new checkpoint
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        t.save_checkpoint(path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_latest.pth"]  # no temporary file left
+    assert load_weights_only(path)["cimis_state"] == first["cimis_state"]  # the previous checkpoint is intact
+    # a checkpoint without cimis_state (another trainer's, or an old version's) loads with a warning
+    del first["cimis_state"]
+    torch.save(first, path)
+    capsys.readouterr()
+    t.load_checkpoint(path)
+    assert "has no 'cimis_state'" in capsys.readouterr().out

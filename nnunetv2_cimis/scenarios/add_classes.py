@@ -24,6 +24,7 @@ from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.memory.step_memory import STEP_MEMORY_FILENAME
 from nnunetv2_cimis.naming import check_dataset_id, check_dataset_name, dataset_folder_name
+from nnunetv2_cimis.safe_load import load_json_object
 from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, dataset_id_taken,
                                                dataset_name, load_raw_dataset, plain_labels, require_env,
                                                sigterm_as_interrupt, write_label_dataset)
@@ -38,8 +39,11 @@ def _read_model_folder(model_folder: str, fold: str):
         if not os.path.isfile(path):
             raise CIMISError(f"{model_folder} is not a trained nnU-Net model folder: {name} is missing. Give the "
                              f"folder <trainer>__<plans>__<configuration> inside nnUNet_results/<dataset>.")
-        with open(path) as f:
-            files[name] = json.load(f)
+        files[name] = load_json_object(path, f"{name} of the model")
+    if not isinstance(files["plans.json"].get("configurations"), dict) or \
+            not isinstance(files["plans.json"].get("dataset_name"), str):
+        raise CIMISError(f"{os.path.join(model_folder, 'plans.json')} lacks 'dataset_name' or 'configurations': it is "
+                         f"not an nnU-Net plans file. Restore the model folder as nnU-Net wrote it.")
     ckpt = os.path.join(model_folder, f"fold_{fold}", "checkpoint_final.pth")
     if not os.path.isfile(ckpt):
         raise CIMISError(f"{ckpt} does not exist: the model has not finished training fold {fold}.")

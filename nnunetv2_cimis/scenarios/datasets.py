@@ -21,6 +21,7 @@ import numpy as np
 from nnunetv2_cimis.errors import CIMISError
 from nnunetv2_cimis.integrity import check_file_complete
 from nnunetv2_cimis.naming import check_case_identifier, check_file_ending
+from nnunetv2_cimis.safe_load import load_json_object
 
 
 def require_env(name: str) -> str:
@@ -60,8 +61,7 @@ def load_raw_dataset(name: str) -> Tuple[str, dict, Dict[str, dict]]:
     path = os.path.join(folder, "dataset.json")
     if not os.path.isfile(path):
         raise CIMISError(f"{folder} has no dataset.json: is {name} an nnU-Net raw dataset?")
-    with open(path) as f:
-        dataset_json = json.load(f)
+    dataset_json = load_json_object(path, f"dataset.json of {name}")
     for key in ("labels", "channel_names", "file_ending"):
         if key not in dataset_json:
             raise CIMISError(f"{path} lacks the required key '{key}'.")
@@ -81,6 +81,8 @@ def load_raw_dataset(name: str) -> Tuple[str, dict, Dict[str, dict]]:
 def plain_labels(dataset_json: dict, where: str) -> Dict[str, int]:
     """The dataset's labels as name -> int, refusing region-based labels."""
     out = {}
+    if not isinstance(dataset_json.get("labels"), dict):
+        raise CIMISError(f"{where}: dataset.json 'labels' must map class names to integer values.")
     for name, value in dataset_json["labels"].items():
         if name == "ignore":
             continue

@@ -22,6 +22,7 @@ import numpy as np
 from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.naming import check_dataset_id, check_dataset_name, dataset_folder_name
+from nnunetv2_cimis.safe_load import load_json_object
 from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, dataset_id_taken,
                                                dataset_name, load_raw_dataset, plain_labels, remap, require_env,
                                                sigterm_as_interrupt, staged_folder, write_label_dataset)
@@ -173,8 +174,7 @@ def resolve_steps(scenario: str, sources: List[_Source]) -> List[Tuple[int, List
     """
     sequences = load_sequences()
     if scenario.strip().endswith(".json") and os.path.isfile(scenario.strip()):
-        with open(scenario.strip()) as f:
-            content = json.load(f)
+        content = load_json_object(scenario.strip(), "scenario file")
         if not isinstance(content, dict) or not isinstance(content.get("steps"), list):
             raise CIMISError(f"{scenario} must hold {{\"steps\": [...]}}: lists of class names, or for a dataset "
                              f"sequence objects {{\"dataset\", \"classes\", \"rename\"}}.")

@@ -9,7 +9,6 @@ predictor does, then frozen.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from nnunetv2_cimis.errors import CIMISError
-from nnunetv2_cimis.safe_load import load_weights_only
+from nnunetv2_cimis.safe_load import load_json_object, load_weights_only
 from nnunetv2_cimis.settings import ENV_TEACHER
 
 
@@ -87,26 +86,29 @@ def load_teacher(checkpoint_path: str, device: torch.device) -> LoadedTeacher:
         if not os.path.isfile(p):
             raise CIMISError(f"The teacher's model folder {model_folder} has no {name}; nnU-Net writes it when "
                              f"training starts. Is {checkpoint_path} inside a trained model folder?")
-        with open(p) as f:
-            files[name] = json.load(f)
+        files[name] = load_json_object(p, f"{name} of the teacher")
     plans, dataset_json = files["plans.json"], files["dataset.json"]
     trainer_name = ckpt.get("trainer_name", "nnUNetTrainer")
     init_args = ckpt.get("init_args") if isinstance(ckpt.get("init_args"), dict) else {}
     configuration = init_args.get("configuration")
-    plans_manager = PlansManager(plans)
-    if configuration not in plans["configurations"]:
+    if not isinstance(plans.get("configurations"), dict) or configuration not in plans["configurations"]:
         raise CIMISError(f"The teacher checkpoint was trained with configuration {configuration!r}, which its "
                          f"plans do not define.")
+    plans_manager = PlansManager(plans)
     cm = plans_manager.get_configuration(configuration)
     try:
         trainer_class = recursive_find_trainer_class_by_name(trainer_name)
     except RuntimeError:
         raise CIMISError(f"The teacher was trained with {trainer_name}, which nnU-Net cannot find. Set "
                          f"nnUNet_extTrainer as for training (see `nnUNetv2_cimis_trainer_path`).") from None
-    label_manager = plans_manager.get_label_manager(dataset_json)
-    network = trainer_class.build_network_architecture(
-        plans_manager, cm, determine_num_input_channels(plans_manager, cm, dataset_json),
-        label_manager.num_segmentation_heads, True)
+    try:
+        label_manager = plans_manager.get_label_manager(dataset_json)
+        network = trainer_class.build_network_architecture(
+            plans_manager, cm, determine_num_input_channels(plans_manager, cm, dataset_json),
+            label_manager.num_segmentation_heads, True)
+    except (KeyError, TypeError, ValueError, AttributeError, AssertionError) as e:
+        raise CIMISError(f"The plans.json / dataset.json of the teacher in {model_folder} do not describe a network "
+                         f"nnU-Net can build ({type(e).__name__}: {e}); restore them as nnU-Net wrote them.") from None
     state = {k[7:] if k.startswith("module.") else k: v for k, v in ckpt["network_weights"].items()}
     try:
         network.load_state_dict(state)

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 from torch import autocast, nn
 
@@ -100,6 +101,8 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
     memory_prototype_tap: str = DEFAULT_PROTOTYPE_TAP
     #: number of label patches kept in the step memory for mask-conditioned synthesis
     memory_label_bank_size: int = 32
+    #: stop training after this many consecutive iterations with a non-finite loss
+    max_nonfinite_iterations: int = 5
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -175,15 +178,24 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
     def _check_no_old_labels_in_masks(self) -> None:
         """Refuse a step dataset whose masks contain old classes (from nnU-Net's stored class locations)."""
         from batchgenerators.utilities.file_and_folder_operations import load_pickle, subfiles
-        old = set(self.step.old_labels)
+        old, new = set(self.step.old_labels), set(self.step.new_labels)
+        new_seen = set()
         for pkl in subfiles(self.preprocessed_dataset_folder, suffix=".pkl"):
             locations = load_pickle(pkl).get("class_locations", {})
+            new_seen |= {int(k) for k, v in locations.items() if int(k) in new and len(v) > 0}
             present = sorted(int(k) for k, v in locations.items() if int(k) in old and len(v) > 0)
             if present:
                 raise CIMISError(
                     f"The preprocessed case {os.path.basename(pkl)[:-4]} contains old classes {present}. A step "
                     f"dataset's masks must label only the step's new classes {self.step.new_labels}; recreate it with "
                     f"nnUNetv2_cimis_make_scenario or nnUNetv2_cimis_add_classes.")
+        missing = sorted(new - new_seen)
+        if missing:
+            names = [self.step.label_names.get(v, str(v)) for v in missing]
+            self.print_to_log_file(
+                f"WARNING: no training case of this step holds a voxel of the new class(es) {missing} {names}: the "
+                f"model cannot learn them here (it only learns background for them). Check the step dataset's masks "
+                f"and --classes / the scenario.")
 
     # ------------------------------------------------------------------ hooks for methods
     def on_incremental_train_start(self) -> None:
@@ -215,6 +227,27 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
         return _RoutedLoss(self)
 
     def train_step(self, batch: dict) -> dict:
+        out = self._train_step(batch)
+        self._check_loss_finite(out)
+        return out
+
+    def _check_loss_finite(self, out: dict) -> None:
+        """Stop a run whose loss is NaN/inf for ``max_nonfinite_iterations`` iterations in a row: the weights are
+        then garbage and nnU-Net would go on training and save them without a word."""
+        try:
+            finite = bool(np.all(np.isfinite(np.asarray(out.get("loss"), dtype=np.float64))))
+        except (TypeError, ValueError):
+            return
+        self._nonfinite_iterations = 0 if finite else getattr(self, "_nonfinite_iterations", 0) + 1
+        if self._nonfinite_iterations >= self.max_nonfinite_iterations:
+            msg = (f"error: the training loss was not finite (NaN or inf) for {self._nonfinite_iterations} iterations "
+                   f"in a row (epoch {self.current_epoch}); stopping {type(self).__name__}. Check the hyperparameters "
+                   f"({self.hp}), the learning rate ({self.initial_lr}) and the input data; the last checkpoint "
+                   f"written before is kept.")
+            self.print_to_log_file(msg)
+            raise SystemExit(msg)
+
+    def _train_step(self, batch: dict) -> dict:
         if not self.step.is_incremental:
             return super().train_step(batch)
         data = batch["data"].to(self.device, non_blocking=True)
