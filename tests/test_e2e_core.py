@@ -39,7 +39,8 @@ def test_scenario_datasets(tiny_scenario):
         assert not cases & seen_cases  # disjoint patients
         seen_cases |= cases
         for case, files in ds["dataset"].items():
-            assert os.path.isabs(files["images"][0]) and os.path.isfile(files["images"][0])  # images not copied
+            image = files["images"][0]  # referenced (not copied), relative to the dataset folder as nnU-Net resolves it
+            assert not os.path.isabs(image) and os.path.isfile(os.path.join(raw, name, image))
             import SimpleITK as sitk
             seg = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(raw, name, files["label"])))
             assert set(seg.ravel().tolist()) <= {0, 2 * t + 1, 2 * t + 2}  # only the step's new classes
@@ -91,8 +92,8 @@ def test_incremental_step_train_resume_predict_evaluate(tiny_scenario, tmp_path)
         test = json.load(f)
     case, files = sorted(test["cases"].items())[0]
     inp = tmp_path / "in"
-    inp.mkdir()
-    os.symlink(files["images"][0], inp / f"{case}_0000.nii.gz")
+    inp.mkdir()  # test_set.json refers to files relative to its own folder
+    os.symlink(os.path.join(env["nnUNet_raw"], steps[0], files["images"][0]), inp / f"{case}_0000.nii.gz")
     out = tmp_path / "out"
     proc = _cli("nnUNetv2_predict", "-i", inp, "-o", out, "-d", steps[1], "-c", CONFIGURATION, "-f", 0, "-tr",
                 "nnUNetTrainerFT", "-p", PLANS, "-device", "cpu", "--disable_tta", "-npp", 1, "-nps", 1)

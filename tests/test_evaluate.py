@@ -42,7 +42,7 @@ def test_evaluate_scenario_with_fake_predictions(scenario, tmp_path, monkeypatch
     raw, res, summary = scenario
     step0, step1 = summary["step_datasets"]
     joint = summary["joint_dataset"]
-    test_set = json.load(open(os.path.join(raw, step0, "test_set.json")))
+    test_set = ev.load_test_set(os.path.join(raw, step0, "test_set.json"))  # paths resolved to absolute ones
     labels_of_case = {c: e["label"] for c, e in test_set["cases"].items()}
     # step 0 model (trained by the teacher trainer of step 1: nnUNetTrainerFT); trainer A at step 1; joint.
     # Trainer B has no step-1 model.

@@ -141,8 +141,8 @@ def test_evaluate_warns_once_about_a_missing_model(tmp_path, monkeypatch, capsys
     fold = os.path.join(res, step0, "nnUNetTrainerFT__nnUNetPlans__3d_fullres", "fold_0")
     os.makedirs(fold)
     open(os.path.join(fold, "checkpoint_final.pth"), "w").close()
-    with open(os.path.join(raw, step0, "test_set.json")) as f:
-        label_of = {c: e["label"] for c, e in json.load(f)["cases"].items()}
+    test_set = ev.load_test_set(os.path.join(raw, step0, "test_set.json"))
+    label_of = {c: e["label"] for c, e in test_set["cases"].items()}
 
     def fake_predict(model_dir, fold, images, outputs, *args, **kwargs):
         for out in outputs:

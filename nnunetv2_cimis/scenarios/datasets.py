@@ -172,6 +172,28 @@ def staged_folder(final: str) -> Iterator[str]:
     os.replace(tmp, final)
 
 
+def raw_relative(path: str, folder: str) -> str:
+    """How a file is referenced from ``folder`` (a raw dataset folder) so that moving ``nnUNet_raw`` keeps it valid.
+
+    nnU-Net (``get_filenames_of_train_images_and_targets``) resolves a relative entry of dataset.json's
+    ``dataset`` key against the dataset's own folder (after expanding environment variables); the package's test
+    set is resolved against the folder of test_set.json likewise. A file inside ``$nnUNet_raw`` is therefore
+    written relative to ``folder`` (``../Dataset500_X/imagesTr/case_0000.nii.gz``); a file outside it keeps its
+    absolute path (it does not move with the folder).
+    """
+    p = os.path.abspath(path)
+    raw = os.environ.get("nnUNet_raw")
+    if not raw:
+        return p
+    raw = os.path.abspath(raw)
+    try:
+        if os.path.commonpath([p, raw]) != raw or os.path.commonpath([os.path.abspath(folder), raw]) != raw:
+            return p
+        return os.path.relpath(p, os.path.abspath(folder))
+    except ValueError:  # different drives (Windows)
+        return p
+
+
 def write_label_dataset(final_folder: str, base_json: dict, cases: Mapping[str, dict], labels: Dict[str, int],
                         mapping: Mapping[int, int], known_source_values: Sequence[int], io: SegmentationIO,
                         extra: Optional[dict] = None, labels_subfolder: str = "labelsTr") -> dict:
@@ -180,7 +202,8 @@ def write_label_dataset(final_folder: str, base_json: dict, cases: Mapping[str, 
     Args:
         final_folder: ``$nnUNet_raw/DatasetXXX_Name``.
         base_json: the source dataset.json (channel_names, file_ending, ... are kept).
-        cases: case -> {"images": [abs paths], "label": abs source label path}.
+        cases: case -> {"images": [abs paths], "label": abs source label path}. Images are referenced, not
+            copied: relative to ``final_folder`` when inside ``$nnUNet_raw`` (:func:`raw_relative`).
         labels: the new dataset's labels (name -> global value).
         mapping: source value -> global value (unlisted values -> 0).
         known_source_values: values the source declares.
@@ -195,7 +218,7 @@ def write_label_dataset(final_folder: str, base_json: dict, cases: Mapping[str, 
             out = remap(seg, mapping, known_source_values, files["label"])
             rel = f"{labels_subfolder}/{case}{file_ending}"
             io.write(out, os.path.join(tmp, rel), props)
-            entries[case] = {"images": [os.path.abspath(p) for p in files["images"]], "label": rel}
+            entries[case] = {"images": [raw_relative(p, final_folder) for p in files["images"]], "label": rel}
         dataset_json = {k: v for k, v in base_json.items() if k not in ("dataset", "labels", "numTraining", "cimis")}
         dataset_json.update({"labels": labels, "numTraining": len(entries), "dataset": entries})
         if extra:

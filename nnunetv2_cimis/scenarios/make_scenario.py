@@ -24,8 +24,8 @@ from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.naming import check_dataset_id, check_dataset_name, dataset_folder_name
 from nnunetv2_cimis.safe_load import load_json_object
 from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, dataset_id_taken,
-                                               dataset_name, load_raw_dataset, plain_labels, remap, require_env,
-                                               sigterm_as_interrupt, staged_folder, write_label_dataset)
+                                               dataset_name, load_raw_dataset, plain_labels, raw_relative, remap,
+                                               require_env, sigterm_as_interrupt, staged_folder, write_label_dataset)
 from nnunetv2_cimis.scenarios.scenario import load_sequences, parse_scenario, scenario_label
 from nnunetv2_cimis.scenarios.step_metadata import METADATA_KEY, make_metadata
 
@@ -351,7 +351,7 @@ def _write_joint(folder: str, sources: List[_Source], steps, subsets, labels: Di
                 rel = f"labelsTr/{src.prefix}{c}{src.json['file_ending']}"
                 src.io.write(remap(seg, source_mapping[k], list(src.labels.values()), src.cases[c]["label"]),
                              os.path.join(tmp, rel), props)
-                dataset[src.prefix + c] = {"images": [os.path.abspath(p) for p in src.cases[c]["images"]],
+                dataset[src.prefix + c] = {"images": [raw_relative(p, folder) for p in src.cases[c]["images"]],
                                            "label": rel}
         base = sources[steps[0][0]].json
         dataset_json = {k: v for k, v in base.items() if k not in ("dataset", "labels", "numTraining", "cimis")}
@@ -373,7 +373,8 @@ def _write_test_set(step0_folder: str, sources: List[_Source], test_cases: Dict[
             seg, props = src.io.read(files["label"])
             path = os.path.join(out, src.prefix + case + src.json["file_ending"])
             src.io.write(remap(seg, source_mapping[k], list(src.labels.values()), files["label"]), path, props)
-            entries[src.prefix + case] = {"images": [os.path.abspath(p) for p in files["images"]], "label": path,
+            entries[src.prefix + case] = {"images": [raw_relative(p, step0_folder) for p in files["images"]],
+                                          "label": os.path.relpath(path, step0_folder),
                                           "annotated_labels": sorted(source_mapping[k].values())}
     with open(os.path.join(step0_folder, TEST_SET_FILENAME), "w") as f:
         json.dump({"file_ending": sources[0].json["file_ending"], "labels": labels,
