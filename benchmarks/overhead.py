@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -65,22 +66,62 @@ def worker(dataset: str, plans: str, trainer_name: str, iterations: int, warmup:
         elapsed += time.perf_counter() - t0
     memory = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda"
               else _peak_rss_mb() - baseline_rss)
+    for loader in (trainer.dataloader_train, trainer.dataloader_val):  # augmentation workers (nnUNet_n_proc_DA > 0)
+        if hasattr(loader, "_finish"):
+            loader._finish()
     return {"trainer": trainer_name, "seconds_per_iteration": elapsed / iterations, "memory_mb": memory,
             "parameters": sum(p.numel() for p in trainer.network.parameters())}
 
 
+STEP0_TRAINER = "nnUNetTrainerFT"
+
+
+def settings_key(shape: int, default_network: bool, cases: int) -> str:
+    """Name of the work sub-folder of one set of preparation settings."""
+    return f"shape{shape}_{'default' if default_network else 'small'}_network_{cases}cases"
+
+
+def prepared_ok(env: dict, marker: dict, settings: dict) -> bool:
+    """True when a prepared work folder matches ``settings`` and holds what the workers need: the plans of the
+    measured step and the step-0 teacher's checkpoint."""
+    if marker.get("settings") != settings:
+        return False
+    plans = settings["plans"]
+    return (os.path.isfile(os.path.join(env["nnUNet_preprocessed"], marker["dataset"], plans + ".json"))
+            and os.path.isfile(os.path.join(env["nnUNet_results"], marker["step0"],
+                                            f"{STEP0_TRAINER}__{plans}__{CONFIGURATION}", "fold_0",
+                                            "checkpoint_final.pth")))
+
+
 def prepare(workdir: str, shape: int, default_network: bool, cases: int, device: str) -> str:
-    """Phantom scenario with step 0 trained briefly (the teacher); returns the step-1 dataset name."""
+    """Phantom scenario with step 0 trained briefly (the teacher); returns the step-1 dataset name.
+
+    The scenario lives in ``workdir/<settings_key>``: a folder is reused only when it was made with the same
+    settings and is complete; otherwise it is rebuilt from scratch (an earlier run with other settings, e.g. the
+    small network, or an interrupted one, left a stale folder without the plans this run needs).
+    """
     from nnunetv2_cimis.demo import Clock, demo_environment, run_training
     from nnunetv2_cimis.phantom.abdominal3d import write_abdominal_phantom
     from nnunetv2_cimis.scenarios.make_scenario import make_scenario
-    env = demo_environment(workdir, 1, 2)
+    work = os.path.join(workdir, settings_key(shape, default_network, cases))
+    settings = {"shape": shape, "default_network": default_network, "cases": cases,
+                "plans": plans_name(default_network)}
+    marker_path = os.path.join(work, "prepared.json")
+    env = demo_environment(work, 1, 2)
     env.pop("OMP_WAIT_POLICY")  # one run at a time here
     os.environ.update(env)
-    marker = os.path.join(workdir, "prepared.json")
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            return json.load(f)["dataset"]
+    if os.path.isfile(marker_path):
+        with open(marker_path) as f:
+            marker = json.load(f)
+        if prepared_ok(env, marker, settings):
+            return marker["dataset"]
+        print(f"rebuilding the stale work folder {work}", file=sys.stderr)
+    if os.path.isdir(os.path.join(work, "nnunet")):
+        shutil.rmtree(os.path.join(work, "nnunet"))
+    if os.path.isfile(marker_path):
+        os.remove(marker_path)
+    env = demo_environment(work, 1, 2)
+    env.pop("OMP_WAIT_POLICY")
     write_abdominal_phantom(env["nnUNet_raw"], 800, cases, shape=(shape,) * 3, seed=0, overwrite=True)
     features = None if default_network else (8, 16, 32, 64, 128, 256)
     import contextlib
@@ -88,11 +129,72 @@ def prepare(workdir: str, shape: int, default_network: bool, cases: int, device:
     with contextlib.redirect_stdout(io.StringIO()):
         summary = make_scenario("800", "2-2-2", [801, 802, 803], configuration=CONFIGURATION,
                                 plans_name=plans_name(default_network), features_per_stage=features)
-    run_training(summary["step_datasets"][0], CONFIGURATION, "nnUNetTrainerFT", env, workdir, Clock(), 2,
+    run_training(summary["step_datasets"][0], CONFIGURATION, STEP0_TRAINER, env, work, Clock(), 2,
                  plans_name(default_network), device)
-    with open(marker, "w") as f:
-        json.dump({"dataset": summary["step_datasets"][1]}, f)
+    with open(marker_path, "w") as f:
+        json.dump({"dataset": summary["step_datasets"][1], "step0": summary["step_datasets"][0],
+                   "settings": settings}, f)
     return summary["step_datasets"][1]
+
+
+def use_demo_hyperparameters(workdir: str) -> None:
+    """Synthesis-based methods synthesise their replay set when a step starts: give them the demo's short
+    settings (``nnUNet_cimis_hparams``) so that set-up stays short; the timed iterations are the same either way.
+    An ``nnUNet_cimis_hparams`` already set is kept."""
+    if os.environ.get("nnUNet_cimis_hparams"):
+        return
+    from nnunetv2_cimis.demo import DEMO_HYPERPARAMETERS
+    path = os.path.join(workdir, "hparams.json")
+    with open(path, "w") as f:
+        json.dump(DEMO_HYPERPARAMETERS, f)
+    os.environ["nnUNet_cimis_hparams"] = path
+
+
+def measure(dataset: str, plans: str, trainers, iterations: int, warmup: int, device: str,
+            deadline: float = None, log=print, always=()):
+    """Measure ``nnUNetTrainer`` and ``trainers``, each in a fresh process (:func:`worker`), on ``dataset``
+    (nnU-Net's folders from ``os.environ``). Prints one line per trainer ``NAME time_ratio=X.XX
+    memory_ratio=Y.YY (...)``.
+
+    ``deadline`` (a ``time.time()`` value): a trainer (other than the baseline and those in ``always``) is not
+    started when the longest measurement so far would not end before it. Returns ``(results, skipped, failed)``: results by trainer (with ``time_ratio`` and
+    ``memory_ratio``), the trainers left out by the deadline, the trainers whose worker failed.
+    """
+    trainers = [BASELINE] + [t for t in trainers if t != BASELINE]
+    results, skipped, failed = {}, [], []
+    longest = 0.0
+    for t in trainers:
+        if deadline is not None and t != BASELINE and t not in always and time.time() + longest > deadline:
+            skipped.append(t)
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", t, "--dataset", dataset, "--plans", plans,
+               "--trainers", t, "--iterations", str(iterations), "--warmup", str(warmup), "--device", device]
+        t0 = time.time()
+        proc = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True)
+        longest = max(longest, time.time() - t0)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            print(f"{t} FAILED\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}", file=sys.stderr)
+            failed.append(t)
+            continue
+        results[t] = json.loads(line[0][7:])
+        results[t]["wall_seconds"] = time.time() - t0
+    base = results.get(BASELINE)
+    if base is None:
+        return results, skipped, failed
+    log(f"# device={device} iterations={iterations} dataset={dataset} plans={plans} baseline: "
+        f"{base['seconds_per_iteration']:.3f} s/it, {base['memory_mb']:.0f} MB, {base['parameters']} parameters")
+    for t in trainers:
+        if t not in results:
+            continue
+        r = results[t]
+        r["time_ratio"] = r["seconds_per_iteration"] / base["seconds_per_iteration"]
+        r["memory_ratio"] = r["memory_mb"] / base["memory_mb"] if base["memory_mb"] > 0 else float("nan")
+        log(f"{t} time_ratio={r['time_ratio']:.2f} memory_ratio={r['memory_ratio']:.2f} "
+            f"({r['seconds_per_iteration']:.3f} s/it, {r['memory_mb']:.0f} MB, {r['parameters']} parameters)")
+    if skipped:
+        log(f"# not measured (time guard): {' '.join(skipped)}")
+    return results, skipped, failed
 
 
 def plans_name(default_network: bool) -> str:
@@ -113,54 +215,26 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--plans", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        print("RESULT " + json.dumps(worker(a.dataset, plans_name(a.default_network), a.worker, a.iterations,
-                                            a.warmup, a.device)))
+        print("RESULT " + json.dumps(worker(a.dataset, a.plans or plans_name(a.default_network), a.worker,
+                                            a.iterations, a.warmup, a.device)))
         return
     workdir = os.path.abspath(a.workdir)
     os.makedirs(workdir, exist_ok=True)
     if a.device == "cpu":
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     dataset = prepare(workdir, a.shape, a.default_network, a.cases, a.device)
-    if not os.environ.get("nnUNet_cimis_hparams"):
-        # synthesis-based methods synthesise their replay set when a step starts: use the demo's short settings so
-        # that set-up stays short (the timed iterations are the same either way)
-        from nnunetv2_cimis.demo import DEMO_HYPERPARAMETERS
-        path = os.path.join(workdir, "hparams.json")
-        with open(path, "w") as f:
-            json.dump(DEMO_HYPERPARAMETERS, f)
-        os.environ["nnUNet_cimis_hparams"] = path
-    trainers = [BASELINE] + [t for t in a.trainers if t != BASELINE]
-    results = {}
-    for t in trainers:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", t, "--dataset", dataset, "--trainers", t,
-               "--iterations", str(a.iterations), "--warmup", str(a.warmup), "--workdir", workdir,
-               "--device", a.device] + (["--default-network"] if a.default_network else [])
-        proc = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            print(f"{t} FAILED\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results[t] = json.loads(line[0][7:])
-    base = results.get(BASELINE)
-    if base is None:
+    use_demo_hyperparameters(workdir)
+    results, _, failed = measure(dataset, plans_name(a.default_network), a.trainers, a.iterations, a.warmup,
+                                 a.device)
+    if BASELINE not in results:
         sys.exit("the baseline nnUNetTrainer failed; no ratios")
-    print(f"# device={a.device} iterations={a.iterations} dataset={dataset} "
-          f"plans={plans_name(a.default_network)} baseline: {base['seconds_per_iteration']:.3f} s/it, "
-          f"{base['memory_mb']:.0f} MB, {base['parameters']} parameters")
-    for t in trainers:
-        if t not in results:
-            continue
-        r = results[t]
-        r["time_ratio"] = r["seconds_per_iteration"] / base["seconds_per_iteration"]
-        r["memory_ratio"] = r["memory_mb"] / base["memory_mb"] if base["memory_mb"] > 0 else float("nan")
-        print(f"{t} time_ratio={r['time_ratio']:.2f} memory_ratio={r['memory_ratio']:.2f} "
-              f"({r['seconds_per_iteration']:.3f} s/it, {r['memory_mb']:.0f} MB, {r['parameters']} parameters)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)
-    if len(results) != len(trainers):
+    if failed:
         sys.exit(1)
 
 
