@@ -298,7 +298,7 @@ BAD_NAMES = ["../../../outside", "a/b", ".hidden", "", "a b", "..", "x\\..\\y"]
 @pytest.mark.parametrize("bad", BAD_NAMES)
 def test_one_name_rule_everywhere(bad, tmp_path, monkeypatch):
     """naming.check_dataset_name is the rule of the converters, the phantoms, make_scenario and add_classes."""
-    from dataset_conversion.common import dataset_folder_name as converter_rule
+    from nnunetv2_cimis.dataset_conversion.common import dataset_folder_name as converter_rule
     from nnunetv2_cimis.naming import check_dataset_name
     from nnunetv2_cimis.phantom.abdominal3d import write_abdominal_phantom
     from nnunetv2_cimis.phantom.laparoscopic2d import write_laparoscopic_phantom
@@ -451,7 +451,7 @@ def test_make_scenario_refuses_truncated_inputs(roots, capsys, which):
 @pytest.mark.parametrize("which", ["img", "label"])
 def test_converter_refuses_truncated_inputs(tmp_path, monkeypatch, which):
     from test_conversion import fab_btcv
-    from dataset_conversion import btcv
+    from nnunetv2_cimis.dataset_conversion import btcv
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
     monkeypatch.delenv("nnUNet_preprocessed", raising=False)
     monkeypatch.delenv("nnUNet_results", raising=False)
