@@ -121,6 +121,9 @@ def test_add_classes_extends_a_trained_model(tiny_scenario, tmp_path):
     with open(os.path.join(env["nnUNet_raw"], steps[0], "dataset.json")) as f:
         old = json.load(f)["labels"]
     assert summary["labels"] == dict(old, aorta=3, pancreas=4)
+    assert summary["dataset"] == "Dataset951_AbdominalPhantomPlusNewOrgansStep1"  # named after the chain it extends
+    with open(os.path.join(env["nnUNet_raw"], summary["dataset"], "dataset.json")) as f:
+        assert json.load(f)["cimis"]["scenario"] == "AbdominalPhantom+NewOrgans"
     train(summary["dataset"], "nnUNetTrainerFT", env)
     assert os.path.isfile(os.path.join(model_folder(env, summary["dataset"], "nnUNetTrainerFT"), "step_memory.pth"))
     # overlapping labels are refused, and nothing is left behind
