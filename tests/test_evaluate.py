@@ -83,6 +83,17 @@ def test_evaluate_scenario_with_fake_predictions(scenario, tmp_path, monkeypatch
     assert result["bwt"]["B"] is None  # only step 0 evaluated
     assert result["evaluated"] == {"A": [0, 1], "B": [0], "nnUNetTrainerJoint": [0, 1]}
     assert len(result["missing_models"]) == 1 and "/B__" in result["missing_models"][0]
+    # the bounds check: no fine-tuning run here (a note), the joint model (Dice 1) above the default bound
+    assert "note: no fine-tuning evaluated" in md and "WARNING" not in md
+    assert "- A: new classes learned: Dice 1.000 (FT: n/a); old classes kept: 50 % of joint" in md
+    with pytest.warns(UserWarning, match="B__nnUNetPlans"):
+        strict = ev.evaluate_scenario("952", CONFIG, PLANS, 0, ["A", "B"], str(tmp_path / "eval2"), num_processes=0,
+                                      joint_bound=1.01)
+    assert ("WARNING: the bounds are under-trained; the comparison is not meaningful (joint model "
+            "nnUNetTrainerJoint: mean Dice over all classes 1.000 < 1.01)") in strict["markdown"]
+    assert strict["bounds"]["joint_bound"] == 1.01
+    a = ev.build_parser().parse_args(["-d", "1", "-o", "x", "--joint-bound", "0.5", "--ft-bound", "0.4"])
+    assert (a.joint_bound, a.ft_bound) == (0.5, 0.4)
     # long CSV: (A: 2 steps with 2 + 3 classes, B: 2 classes, joint: 2 + 3) x 2 cases x 2 metrics
     n_cases = len(test_set["cases"])
     with open(os.path.join(out_dir, "scores.csv")) as f:

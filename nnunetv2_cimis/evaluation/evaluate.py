@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
-from nnunetv2_cimis.evaluation.report import write_report
+from nnunetv2_cimis.evaluation.report import FT_NEW_BOUND, JOINT_BOUND, write_report
 
 DEFAULT_JOINT_TRAINER = "nnUNetTrainerJoint"
 METRICS = ("Dice", "IoU")
@@ -188,7 +188,8 @@ def _parse_fold(fold) -> Union[int, str]:
 def evaluate_scenario(dataset: Union[int, str], configuration: str, plans: str, fold: Union[int, str],
                       trainers: Sequence[str], output_dir: str, joint_trainer: Optional[str] = DEFAULT_JOINT_TRAINER,
                       use_mirroring: bool = False, device=None, num_processes: int = 1,
-                      checkpoint_name: str = "checkpoint_final.pth", print_table: bool = False) -> dict:
+                      checkpoint_name: str = "checkpoint_final.pth", print_table: bool = False,
+                      joint_bound: float = JOINT_BOUND, ft_new_bound: float = FT_NEW_BOUND) -> dict:
     """Predict the scenario's test set with every (trainer, step) model, score, and write the report.
 
     Args:
@@ -205,6 +206,9 @@ def evaluate_scenario(dataset: Union[int, str], configuration: str, plans: str, 
             the fastest choice on a small CPU machine.
         checkpoint_name: checkpoint file in each model's fold folder.
         print_table: print the Markdown tables.
+        joint_bound, ft_new_bound: the report's bounds check: a WARNING when the joint model's mean Dice over
+            all classes is below ``joint_bound`` or fine-tuning's new-class Dice is below ``ft_new_bound`` at
+            some step (docs/evaluation.md).
 
     Returns:
         The content of ``summary.json`` plus ``"markdown"`` (the tables) and ``"output_dir"``.
@@ -329,7 +333,7 @@ def evaluate_scenario(dataset: Union[int, str], configuration: str, plans: str, 
              "evaluated": {t: sorted({r["step"] for r in rows if r["trainer"] == t}) for t in shown}}
     md = write_report(rows, label_names, classes_per_step, output_dir, trainers=shown,
                       joint_trainer=joint_trainer if joint_trainer in shown else None, extra_summary=extra,
-                      print_table=print_table)
+                      print_table=print_table, joint_bound=joint_bound, ft_new_bound=ft_new_bound)
     with open(os.path.join(output_dir, "summary.json")) as f:
         out = json.load(f)
     out["markdown"] = md
@@ -361,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes for prediction and scoring (default 1; 0 = all in this process, "
                         "fastest on a small CPU machine)")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint file name")
+    p.add_argument("--joint-bound", type=float, default=JOINT_BOUND,
+                   help=f"warn that the bounds are under-trained when the joint model's mean Dice over all classes "
+                        f"is below this (default {JOINT_BOUND})")
+    p.add_argument("--ft-bound", type=float, default=FT_NEW_BOUND,
+                   help=f"warn that the bounds are under-trained when fine-tuning's new-class Dice is below this "
+                        f"at some step (default {FT_NEW_BOUND})")
     return p
 
 
@@ -387,7 +397,8 @@ def _run(a: argparse.Namespace) -> None:
         device = torch.device(a.device)
     evaluate_scenario(a.dataset, a.configuration, a.plans, a.fold, a.trainers, a.output,
                       joint_trainer=None if a.no_joint else a.joint_trainer, use_mirroring=a.mirroring,
-                      device=device, num_processes=a.num_processes, checkpoint_name=a.checkpoint, print_table=True)
+                      device=device, num_processes=a.num_processes, checkpoint_name=a.checkpoint, print_table=True,
+                      joint_bound=a.joint_bound, ft_new_bound=a.ft_bound)
     print(f"wrote {os.path.join(a.output, 'report.md')}, scores.csv, summary.json and dice_per_class.png")
 
 
