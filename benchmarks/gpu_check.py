@@ -93,6 +93,10 @@ class TimeGuard:
     def elapsed(self) -> float:
         return time.time() - self.start
 
+    def skip(self, what: str) -> None:
+        with self._lock:
+            self.skipped.append(what)
+
     def allows(self, estimate: float, what: str) -> bool:
         with self._lock:
             if time.time() + SAFETY * estimate <= self.deadline:
@@ -212,8 +216,10 @@ def run_continual(summary: dict, p: dict, guard: TimeGuard, log_dir: str, runs: 
     estimate = step_estimate(p, cost)
 
     def chain(trainer: str) -> None:
-        for d in steps[1:]:
+        for i, d in enumerate(steps[1:], start=1):
             if not guard.allows(estimate, f"{trainer} on {d}"):
+                for later in steps[i + 1:]:  # its teacher (this step) is missing: the rest of the chain is left out
+                    guard.skip(f"{trainer} on {later}")
                 return
             train(d, trainer, p["epochs_step"], env, log_dir, p, runs)
 

@@ -41,6 +41,25 @@ def test_estimates_from_the_step0_run(tmp_path):
     assert gpu_check.continual_estimate(p, cost) == pytest.approx(6 * gpu_check.step_estimate(p, cost))
 
 
+def test_continual_chains_and_the_guard(monkeypatch):
+    """Chains run steps 1 then 2 per trainer; a refused step leaves the rest of its chain out, named."""
+    calls = []
+    monkeypatch.setattr(gpu_check, "train", lambda d, t, *a, **k: calls.append((t, d)))
+    summary = {"step_datasets": ["S0", "S1", "S2"], "env": {}}
+    p = dict(gpu_check.PROFILES["smoke"])
+    cost = {"fixed_seconds": 10.0, "seconds_per_iteration": 0.1}
+    guard = gpu_check.TimeGuard(budget=1000.0, reserve=0.0)
+    gpu_check.run_continual(summary, p, guard, "/nonexistent", [], cost)
+    for t in gpu_check.CONTINUAL:
+        assert [d for tr, d in calls if tr == t] == ["S1", "S2"]
+    assert guard.skipped == []
+    calls.clear()
+    guard = gpu_check.TimeGuard(budget=10.0, reserve=0.0)  # the first step's estimate (> 10 s) never fits
+    gpu_check.run_continual(summary, p, guard, "/nonexistent", [], cost)
+    assert calls == []
+    assert sorted(guard.skipped) == sorted(f"{t} on {d}" for t in gpu_check.CONTINUAL for d in ("S1", "S2"))
+
+
 def test_overhead_work_folder_is_keyed_and_checked(tmp_path):
     assert overhead.settings_key(32, False, 12) != overhead.settings_key(32, True, 12)
     env = {"nnUNet_preprocessed": str(tmp_path / "pre"), "nnUNet_results": str(tmp_path / "res")}
