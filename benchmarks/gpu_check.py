@@ -194,6 +194,19 @@ def train(dataset: str, trainer: str, epochs: int, env: dict, log_dir: str, p: d
     return record
 
 
+def train_or_record(dataset: str, trainer: str, epochs: int, env: dict, log_dir: str, p: dict, runs: list,
+                    failed: list) -> bool:
+    """:func:`train`, but a failed run is recorded in ``failed`` (with its log's tail) instead of ending the check:
+    the other runs and the overhead figures still get written. Returns whether the run succeeded."""
+    try:
+        train(dataset, trainer, epochs, env, log_dir, p, runs)
+        return True
+    except Exception as e:  # noqa: BLE001 - one failed run must not lose the rest of the check
+        failed.append({"run": f"{trainer} on {dataset}", "error": f"{type(e).__name__}: {e}"[-3000:]})
+        log(f"FAILED: {trainer} on {dataset}: {type(e).__name__}: {str(e)[-1500:]}")
+        return False
+
+
 def step_estimate(p: dict, cost: dict) -> float:
     """Seconds of one incremental step run: the step-0 run's start-up/validation cost plus the step's iterations at
     the step-0 run's measured seconds per iteration times the teacher's cost, scaled by the runs sharing the
@@ -209,7 +222,8 @@ def continual_estimate(p: dict, cost: dict) -> float:
     return rounds * step_estimate(p, cost)
 
 
-def run_continual(summary: dict, p: dict, guard: TimeGuard, log_dir: str, runs: list, cost: dict) -> None:
+def run_continual(summary: dict, p: dict, guard: TimeGuard, log_dir: str, runs: list, cost: dict,
+                  failed: list = None) -> None:
     """The chains of steps 1 and 2 of the continual trainers, ``jobs`` runs at a time, each run started only if
     the time guard allows it (a chain stops at its first refused step)."""
     steps, env = summary["step_datasets"], summary["env"]
@@ -221,7 +235,9 @@ def run_continual(summary: dict, p: dict, guard: TimeGuard, log_dir: str, runs: 
                 for later in steps[i + 1:]:  # its teacher (this step) is missing: the rest of the chain is left out
                     guard.skip(f"{trainer} on {later}")
                 return
-            train(d, trainer, p["epochs_step"], env, log_dir, p, runs)
+            if not train_or_record(d, trainer, p["epochs_step"], env, log_dir, p, runs,
+                                   failed if failed is not None else []):
+                return  # the next step has no teacher
 
     with ThreadPoolExecutor(max_workers=p["jobs"]) as pool:
         for f in [pool.submit(chain, t) for t in CONTINUAL]:
@@ -271,6 +287,8 @@ def markdown(result: dict) -> str:
     for r in c["runs"]:
         out.append(f"| {r['dataset']} | {r['trainer']} | {r['iterations']} | {r['seconds']} | "
                    f"{r['training_seconds']} |")
+    for r in c.get("failed_runs", []):
+        out += ["", f"**FAILED**: {r['run']}: `{r['error'][-500:]}`"]
     if c["stopped_by_time_guard"]:
         out += ["", f"**The time guard stopped the continual part**: not trained: {', '.join(c['skipped_runs'])}."]
     out += ["", c.get("report_markdown") or f"No evaluation: {c.get('evaluation_error')}"]
@@ -303,12 +321,12 @@ def run(output: str, smoke: bool = False, budget: float = None, overhead_trainer
         f"features {plan['features_per_stage']}")
     timings["prepare"] = guard.elapsed()
 
-    runs = []
+    runs, failed_runs = [], []
     # step 0 (the teacher of every method) and the joint model, side by side
     log(f"training step 0 ({STEP0_TRAINER}) and the joint model ({JOINT_TRAINER}) side by side")
     with ThreadPoolExecutor(max_workers=1) as pool:
-        joint_future = pool.submit(train, summary["joint_dataset"], JOINT_TRAINER, p["epochs_joint"], env, log_dir,
-                                   p, runs)
+        joint_future = pool.submit(train_or_record, summary["joint_dataset"], JOINT_TRAINER, p["epochs_joint"], env,
+                                   log_dir, p, runs, failed_runs)
         step0_run = train(steps[0], STEP0_TRAINER, p["epochs_step0"], env, log_dir, p, runs)
         joint_future.result()
     it0 = p["epochs_step0"] * p["iterations_per_epoch"]
@@ -334,14 +352,15 @@ def run(output: str, smoke: bool = False, budget: float = None, overhead_trainer
 
     t0 = guard.elapsed()
     log(f"continual run: steps 1 and 2 of {', '.join(CONTINUAL)}, {p['jobs']} runs at a time")
-    run_continual(summary, p, guard, log_dir, runs, cost)
+    run_continual(summary, p, guard, log_dir, runs, cost, failed_runs)
     timings["continual_training"] = guard.elapsed() - t0
 
     t0 = guard.elapsed()
     continual = {"trainers": CONTINUAL, "joint_trainer": JOINT_TRAINER, "runs": runs,
                  "iterations": {"step0": it0, "joint": p["epochs_joint"] * p["iterations_per_epoch"],
                                 "step": p["epochs_step"] * p["iterations_per_epoch"]},
-                 "skipped_runs": list(guard.skipped), "stopped_by_time_guard": bool(guard.skipped)}
+                 "skipped_runs": list(guard.skipped), "stopped_by_time_guard": bool(guard.skipped),
+                 "failed_runs": failed_runs}
     try:
         import torch
         from nnunetv2_cimis.evaluation.evaluate import evaluate_scenario
@@ -385,7 +404,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     result = run(a.output, a.smoke, a.budget, a.trainers)
     ok = overhead.BASELINE in result["overhead"] and not result["overhead_failed"] \
-        and "evaluation_error" not in result["continual"]
+        and "evaluation_error" not in result["continual"] and not result["continual"]["failed_runs"]
     return 0 if ok else 1
 
 

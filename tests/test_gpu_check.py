@@ -59,6 +59,17 @@ def test_continual_chains_and_the_guard(monkeypatch):
     assert calls == []
     assert sorted(guard.skipped) == sorted(f"{t} on {d}" for t in gpu_check.CONTINUAL for d in ("S1", "S2"))
 
+    # a failing run is recorded, its chain stops (no teacher for step 2), the other chains go on
+    def failing(d, t, *a, **k):
+        if t == "nnUNetTrainerMiB":
+            raise RuntimeError("CUDA out of memory")
+        calls.append((t, d))
+    monkeypatch.setattr(gpu_check, "train", failing)
+    failed = []
+    gpu_check.run_continual(summary, p, gpu_check.TimeGuard(1000.0, 0.0), "/nonexistent", [], cost, failed)
+    assert failed == [{"run": "nnUNetTrainerMiB on S1", "error": "RuntimeError: CUDA out of memory"}]
+    assert sorted(calls) == sorted((t, d) for t in gpu_check.CONTINUAL if t != "nnUNetTrainerMiB" for d in ("S1", "S2"))
+
 
 def test_overhead_work_folder_is_keyed_and_checked(tmp_path):
     assert overhead.settings_key(32, False, 12) != overhead.settings_key(32, True, 12)
@@ -111,7 +122,7 @@ def test_gpu_check_smoke(tmp_path):
     for t in gpu_check.CONTINUAL:
         for d in (step1, step2):
             assert (t, d) in trained or f"{t} on {d}" in c["skipped_runs"], (t, d)
-    assert c["stopped_by_time_guard"] == bool(c["skipped_runs"])
+    assert c["stopped_by_time_guard"] == bool(c["skipped_runs"]) and c["failed_runs"] == []
     assert "## Mean Dice per step" in c["report_markdown"] and "## At a glance" in c["report_markdown"]
     assert "| nnUNetTrainerFT | 0 |" in c["report_markdown"]
     for t, d in trained:
