@@ -25,16 +25,16 @@ step 0 (150 iterations) next to the joint     about 30 s + 210 x 0.25 s (two run
 model (210 iterations)
 overhead, 10 trainers in fresh processes      10 x (about 12 s start-up + 13 iterations) + MOSInv's synthesis
                                               = about 150 s
-continual: 3 chains of 2 x 60 iterations,     about 2 x (30 s + 60 x 0.25 s x 1.4 teacher) x 1.5 = 150 s
+continual: 3 chains of 2 x 60 iterations,     about 2 x (30 s + 60 x 0.25 s x 1.4 teacher x 1.5) = 125 s
 the three run together
 evaluation: 8 models x 2-3 test cases         about 30-45 s (the evaluation reserve, 45 s)
-total                                         about 490 s: the time guard trims the last runs to keep 480
+total                                         about 465 s: the time guard trims the last runs to keep 480
 ============================================  =========================================================
 
 The time guard: the overhead part measures FT, MiB and PGCD+DAPD (the continual part's trainers) always and
 every other trainer only while the continual part's estimate still fits; a training run of the continual part
 starts only if its estimate (from the measured step-0 run: start-up cost + iterations x measured seconds per
-iteration x 1.4 for the teacher x runs sharing the device / 2, times a safety factor 1.25) ends before the
+iteration x 1.4 for the teacher x (runs sharing the device / 2), times a safety factor 1.25) ends before the
 budget minus the evaluation reserve. Whatever is left out is listed on the console, in the JSON
 (``overhead_skipped``, ``continual.skipped_runs``) and in the Markdown; the table shows the steps that were
 trained. The steps are short (the check measures cost and proves the path at GPU scale): the report's bounds
@@ -210,9 +210,11 @@ def train_or_record(dataset: str, trainer: str, epochs: int, env: dict, log_dir:
 def step_estimate(p: dict, cost: dict) -> float:
     """Seconds of one incremental step run: the step-0 run's start-up/validation cost plus the step's iterations at
     the step-0 run's measured seconds per iteration times the teacher's cost, scaled by the runs sharing the
-    device (``jobs``; step 0 was measured sharing it with the joint run, i.e. 2 at a time)."""
+    device (``jobs``; step 0 was measured sharing it with the joint run, i.e. 2 at a time). The start-up cost is
+    not scaled: measured on the 2-core CPU, runs three at a time took as long as two at a time (86-102 s vs
+    94-95 s)."""
     iterations = p["epochs_step"] * p["iterations_per_epoch"]
-    return (cost["fixed_seconds"] + iterations * cost["seconds_per_iteration"] * TEACHER_FACTOR) * max(
+    return cost["fixed_seconds"] + iterations * cost["seconds_per_iteration"] * TEACHER_FACTOR * max(
         1.0, p["jobs"] / 2)
 
 
@@ -347,7 +349,7 @@ def run(output: str, smoke: bool = False, budget: float = None, overhead_trainer
     results, skipped, failed = overhead.measure(steps[1], p["plans"], trainers, p["overhead_iterations"],
                                                 p["overhead_warmup"], p["device"],
                                                 deadline=guard.deadline - SAFETY * continual_estimate(p, cost),
-                                                log=log, always=CONTINUAL)
+                                                log=lambda m: print(m, flush=True), always=CONTINUAL)
     timings["overhead"] = guard.elapsed() - t0
 
     t0 = guard.elapsed()
