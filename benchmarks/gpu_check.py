@@ -76,7 +76,7 @@ PROFILES = {
     "smoke": {"device": "cpu", "shape": 32, "spacing": 1.5, "cases": 13, "features": [4, 8, 16, 32],
               "plans": "nnUNetPlansGpuCheckSmoke", "iterations_per_epoch": 2, "epochs_step0": 1, "epochs_joint": 1,
               "epochs_step": 1, "val_iterations": 1, "overhead_iterations": 2, "overhead_warmup": 1, "jobs": 3,
-              "budget": 170.0, "eval_reserve": 30.0, "overhead_trainers": CONTINUAL},
+              "budget": 180.0, "eval_reserve": 15.0, "overhead_trainers": CONTINUAL},
 }
 
 
@@ -399,7 +399,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output", "-o", default="gpu_check_output")
     ap.add_argument("--smoke", action="store_true", help="CPU, 32^3, small network, a few iterations")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for the whole check (default 480 on the GPU, 170 for --smoke)")
+                    help="seconds for the whole check (default 480 on the GPU, 180 for --smoke)")
     ap.add_argument("--trainers", nargs="+", default=None,
                     help="trainers of the overhead part (default: every continual trainer of the 3D registry; "
                          "--smoke: FT, MiB, PGCD+DAPD)")
