@@ -28,6 +28,7 @@ from nnunetv2_cimis.safe_load import load_json_object
 from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, dataset_id_taken,
                                                dataset_name, load_raw_dataset, plain_labels, require_env,
                                                sigterm_as_interrupt, write_label_dataset)
+from nnunetv2_cimis.scenarios.intensity import new_class_clipping
 from nnunetv2_cimis.scenarios.make_scenario import write_splits
 from nnunetv2_cimis.scenarios.step_metadata import METADATA_KEY, make_metadata, read_step_info
 
@@ -149,6 +150,10 @@ def add_classes(model_folder: str, new_dataset: str, output_id: int, fold: str =
     io = SegmentationIO(src_json, first_case["images"][0])
     for c in sorted(cases):
         check_images_readable(io, cases[c]["images"])
+    # the model's CT window was planned on its own organs; say so when it hides much of a new one
+    clipped, warnings = new_class_clipping(plans, io, cases, {c: src_labels[c] for c in new_names})
+    for line in warnings:
+        print(line, file=sys.stderr)
     raw_target = os.path.join(raw_root, target_name)
     pre_target = os.path.join(pre_root, target_name)
     # clean-up removes only what this run created (never a folder that was there before)
@@ -189,7 +194,7 @@ def add_classes(model_folder: str, new_dataset: str, output_id: int, fold: str =
                 print(f"warning: {e}")
     return {"dataset": target_name, "step": index, "labels": labels, "new_classes": new_names,
             "teacher": ckpt, "plans": plans_name, "configuration": configuration, "cases": len(cases),
-            "teacher_step_memory": memory_note,
+            "teacher_step_memory": memory_note, "clipped_by_ct_window": clipped,
             "next": f"nnUNetv2_train {output_id} {configuration} {fold} -p {plans_name} -tr <method>"}
 
 

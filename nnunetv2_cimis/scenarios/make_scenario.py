@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -23,6 +23,8 @@ from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.naming import check_dataset_id, check_dataset_name, dataset_folder_name
 from nnunetv2_cimis.safe_load import load_json_object
+from nnunetv2_cimis.scenarios.intensity import (WindowSpec, fixed_window_properties, parse_intensity_window,
+                                                set_intensity_properties)
 from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, dataset_id_taken,
                                                dataset_name, load_raw_dataset, plain_labels, raw_relative, remap,
                                                require_env, sigterm_as_interrupt, staged_folder, write_label_dataset)
@@ -106,8 +108,14 @@ def shrink_network(plans_file: str, configuration: str, features_per_stage: Sequ
 
 
 def plan_and_preprocess(step0_id: int, other_ids: Sequence[int], configuration: str, planner: str,
-                        plans_name: str, features_per_stage: Optional[Sequence[int]], num_processes: int) -> None:
-    """Real nnU-Net planning on step 0; plans moved to the others; all preprocessed with them."""
+                        plans_name: str, features_per_stage: Optional[Sequence[int]], num_processes: int,
+                        intensity_window: WindowSpec = "step0", joint_id: Optional[int] = None) -> None:
+    """Real nnU-Net planning on step 0; plans moved to the others; all preprocessed with them.
+
+    ``intensity_window`` (see :mod:`nnunetv2_cimis.scenarios.intensity`): ``"step0"`` keeps nnU-Net's window of
+    step 0's foreground, ``"all"`` takes nnU-Net's rule over the foreground of ``joint_id`` (all training cases,
+    all classes), ``(low, high)`` a fixed window.
+    """
     import nnunetv2
     from batchgenerators.utilities.file_and_folder_operations import join
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
@@ -132,8 +140,19 @@ def plan_and_preprocess(step0_id: int, other_ids: Sequence[int], configuration: 
         if saved is not None:
             os.environ["nnUNet_n_proc_DA"] = saved
     step0 = dataset_name(step0_id)
+    plans_file = os.path.join(pre, step0, plans_name + ".json")
     if features_per_stage:
-        shrink_network(os.path.join(pre, step0, plans_name + ".json"), configuration, features_per_stage)
+        shrink_network(plans_file, configuration, features_per_stage)
+    if intensity_window == "all":
+        if joint_id is None:
+            raise CIMISError("--intensity-window all needs the scenario's joint dataset")
+        extract_fingerprint_dataset(joint_id, DatasetFingerprintExtractor, num_processes, False, True, False, False)
+        with open(os.path.join(pre, dataset_name(joint_id), "dataset_fingerprint.json")) as f:
+            set_intensity_properties(plans_file, json.load(f)["foreground_intensity_properties_per_channel"])
+    elif intensity_window != "step0":
+        with open(plans_file) as f:
+            channels = json.load(f)["foreground_intensity_properties_per_channel"]
+        set_intensity_properties(plans_file, {c: fixed_window_properties(*intensity_window) for c in channels})
     for d in other_ids:
         os.makedirs(os.path.join(pre, dataset_name(d)), exist_ok=True)
         move_plans_between_datasets(step0_id, d, plans_name, plans_name)
@@ -218,7 +237,8 @@ def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Opti
                   test_fraction: float = 0.2, seed: int = 0, name: Optional[str] = None,
                   configuration: str = "3d_fullres", planner: str = "ExperimentPlanner",
                   plans_name: str = "nnUNetPlans", features_per_stage: Optional[Sequence[int]] = None,
-                  step0_trainer: str = "nnUNetTrainerFT", num_processes: int = 1, preprocess: bool = True) -> dict:
+                  step0_trainer: str = "nnUNetTrainerFT", num_processes: int = 1, preprocess: bool = True,
+                  intensity_window: Union[str, Sequence[float], None] = "all") -> dict:
     """Create the step datasets, the joint dataset and the test set of a scenario (see module docstring).
 
     ``source`` is one dataset (id or name) or, for a dataset sequence, a list of them. Returns a summary dict
@@ -227,6 +247,7 @@ def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Opti
     if name is not None:
         check_dataset_name(name, "--name")
     features_per_stage = check_features_per_stage(features_per_stage)  # before any fingerprinting or planning
+    intensity_window = parse_intensity_window(intensity_window)
     raw_root = require_env("nnUNet_raw")
     source_list = [source] if isinstance(source, (str, int)) else list(source)
     sources = [_load_source(str(s)) for s in source_list]
@@ -313,7 +334,7 @@ def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Opti
             for n in names + [joint_name]:
                 claim(os.path.join(pre, n))
             plan_and_preprocess(step_ids[0], list(step_ids[1:]) + [joint_id], configuration, planner, plans_name,
-                                features_per_stage, num_processes)
+                                features_per_stage, num_processes, intensity_window, joint_id)
             joint_cases = [sources[k].prefix + c for t, (k, _) in enumerate(steps) for c in subsets[t]]
             step_cases = [[sources[k].prefix + c for c in subsets[t]] for t, (k, _) in enumerate(steps)]
             for n, subset in zip(names + [joint_name], step_cases + [joint_cases]):
@@ -327,7 +348,8 @@ def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Opti
     return {"step_datasets": names, "joint_dataset": joint_name, "classes_per_step": groups,
             "global_labels": label_values_all, "cases_per_step": [len(s) for s in subsets],
             "test_cases": sum(len(v) for v in test_cases.values()), "plans": plans_name,
-            "configuration": configuration, "sources": [s.name for s in sources]}
+            "configuration": configuration, "sources": [s.name for s in sources],
+            "intensity_window": intensity_window if isinstance(intensity_window, str) else list(intensity_window)}
 
 
 def _write_joint(folder: str, sources: List[_Source], steps, subsets, labels: Dict[str, int],
@@ -404,6 +426,10 @@ def main(argv=None):
                         "a list shorter than the planned number of stages is extended by repeating its last value")
     p.add_argument("--step0-trainer", default="nnUNetTrainerFT",
                    help="trainer that trains step 0 (the teacher of step 1)")
+    p.add_argument("--intensity-window", default="all",
+                   help="CT window of the plans: 'all' (default: nnU-Net's percentile rule over the labelled "
+                        "foreground of every step's training cases, so later steps' organs are not clipped), 'step0' "
+                        "(plain nnU-Net: step 0's organs only) or a fixed 'LOW,HIGH' window, e.g. -150,250")
     p.add_argument("-np", "--num-processes", type=int, default=1)
     p.add_argument("--no-preprocess", action="store_true", help="write the raw datasets only")
     a = p.parse_args(argv)
@@ -411,5 +437,5 @@ def main(argv=None):
     with contextlib.redirect_stdout(sys.stderr):
         summary = make_scenario(a.source if len(a.source) > 1 else a.source[0], a.scenario, a.ids, a.joint_id, a.test_fraction, a.seed, a.name,
                                 a.configuration, a.planner, a.plans_name, a.features_per_stage, a.step0_trainer,
-                                a.num_processes, not a.no_preprocess)
+                                a.num_processes, not a.no_preprocess, a.intensity_window)
     print(json.dumps(summary, indent=2))
