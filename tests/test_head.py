@@ -160,3 +160,31 @@ def test_student_with_fewer_outputs_than_teacher():
     student = _unet(3, 3, (4, 8), seed=21)
     with pytest.raises(CIMISError, match="Cannot widen"):
         widen_student_from_teacher(student, teacher, 4)
+
+
+@pytest.mark.parametrize("dim,features,n_old,n_new", CASES)
+def test_random_init_keeps_the_students_fresh_rows(dim, features, n_old, n_new):
+    """init="random" (MiB's code for FT, LwF, ILT): old rows copied, new rows and background untouched."""
+    teacher = _unet(n_old, dim, features, seed=1)
+    student = _unet(n_old + n_new, dim, features, seed=2)
+    fresh = [(h.weight.detach().clone(), h.bias.detach().clone()) for h in _heads(student)]
+    widen_student_from_teacher(student, teacher, n_old, init="random")
+    for t_head, s_head, (w0, b0) in zip(_heads(teacher), _heads(student), fresh):
+        torch.testing.assert_close(s_head.weight[:n_old], t_head.weight)
+        torch.testing.assert_close(s_head.bias[:n_old], t_head.bias)  # background bias not shifted
+        torch.testing.assert_close(s_head.weight[n_old:], w0[n_old:])
+        torch.testing.assert_close(s_head.bias[n_old:], b0[n_old:])
+
+
+def test_unknown_head_init_is_refused():
+    with pytest.raises(CIMISError, match="head initialisation"):
+        widen_student_from_teacher(_unet(3), _unet(3), 3, init="zeros")
+
+
+def test_trainers_head_init_follows_mibs_code():
+    from nnunetv2_cimis.training.registry import package_trainers
+    inits = {name: getattr(cls, "head_init", None) for name, cls in package_trainers().items()}
+    assert inits["nnUNetTrainerFT"] == inits["nnUNetTrainerLwF"] == inits["nnUNetTrainerILT"] == "random"
+    for name in ("nnUNetTrainerMiB", "nnUNetTrainerPLOP", "nnUNetTrainerPGCD", "nnUNetTrainerDAPD",
+                 "nnUNetTrainerPGCDDAPD", "nnUNetTrainerMOSInv", "nnUNetTrainerDDCL"):
+        assert inits[name] == "mib", name

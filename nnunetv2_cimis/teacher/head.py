@@ -11,6 +11,10 @@ Learning in Semantic Segmentation"):
 
 so that at the first iteration the new classes and background share the teacher's background
 probability equally and the old classes' probabilities are unchanged.
+
+``init="random"`` keeps the new rows as the freshly built student has them (nnU-Net's He initialisation,
+bias 0) and leaves the background row untouched: what MiB's official code does for fine-tuning, LwF and ILT.
+How the two interact with nnU-Net's SGD (momentum 0.99) is measured in ``docs/trainers_baselines.md``.
 """
 from __future__ import annotations
 
@@ -29,8 +33,11 @@ def _is_head_key(key: str) -> bool:
     return HEAD_KEY in f".{key}"
 
 
+HEAD_INITS = ("mib", "random")
+
+
 def widen_head_state(teacher_state: Dict[str, torch.Tensor], student_state: Dict[str, torch.Tensor],
-                     n_old: int) -> Dict[str, torch.Tensor]:
+                     n_old: int, init: str = "mib") -> Dict[str, torch.Tensor]:
     """Build the student's initial state dict from the teacher's.
 
     Args:
@@ -38,6 +45,7 @@ def widen_head_state(teacher_state: Dict[str, torch.Tensor], student_state: Dict
         student_state: the freshly built student's ``state_dict`` (``n_old + n_new`` outputs); used for the
             target shapes.
         n_old: number of teacher outputs, background included.
+        init: ``"mib"`` (MiB's initialisation of the new rows) or ``"random"`` (the student's own fresh rows).
 
     Returns:
         A state dict for the student.
@@ -46,6 +54,8 @@ def widen_head_state(teacher_state: Dict[str, torch.Tensor], student_state: Dict
         CIMISError: if the two networks differ outside the head, or the teacher's head does not have
             ``n_old`` outputs (a teacher of another architecture or of another step).
     """
+    if init not in HEAD_INITS:
+        raise CIMISError(f"head initialisation must be one of {HEAD_INITS}, got {init!r}")
     missing = sorted(set(student_state) - set(teacher_state))
     unexpected = sorted(set(teacher_state) - set(student_state))
     if missing or unexpected:
@@ -71,8 +81,11 @@ def widen_head_state(teacher_state: Dict[str, torch.Tensor], student_state: Dict
         if s.shape[0] < n_old or t.shape[1:] != s.shape[1:]:
             raise CIMISError(f"Cannot widen head {key} from {tuple(t.shape)} to {tuple(s.shape)}")
         n_new = s.shape[0] - n_old
-        w = torch.empty_like(s)
+        w = s.clone()
         w[:n_old] = t
+        if init == "random":
+            out[key] = w
+            continue
         if key.endswith("bias"):
             shift = math.log(n_new + 1)
             w[n_old:] = t[0] - shift
@@ -84,7 +97,8 @@ def widen_head_state(teacher_state: Dict[str, torch.Tensor], student_state: Dict
     return out
 
 
-def widen_student_from_teacher(student: nn.Module, teacher: nn.Module, n_old: int) -> None:
-    """Load the teacher's weights into ``student`` in place, widening every segmentation head."""
-    state = widen_head_state(teacher.state_dict(), student.state_dict(), n_old)
+def widen_student_from_teacher(student: nn.Module, teacher: nn.Module, n_old: int, init: str = "mib") -> None:
+    """Load the teacher's weights into ``student`` in place, widening every segmentation head (``init``: see
+    :func:`widen_head_state`)."""
+    state = widen_head_state(teacher.state_dict(), student.state_dict(), n_old, init)
     student.load_state_dict(state)

@@ -97,6 +97,9 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
     #: initial learning rate of steps > 0 (nnU-Net's 1e-2 for step 0); ``nnUNet_cimis_lr`` overrides it.
     #: 10x lower than step 0, the usual practice of MiB / PLOP, so the widened student drifts slowly.
     incremental_initial_lr: float = 1e-3
+    #: initialisation of the new rows of the widened head: "mib" (MiB's: new classes share the background's
+    #: probability) or "random" (nnU-Net's fresh initialisation, as MiB's code does for FT, LwF and ILT)
+    head_init: str = "mib"
     #: module path of the features whose class means are saved as prototypes in the step memory
     memory_prototype_tap: str = DEFAULT_PROTOTYPE_TAP
     #: number of label patches kept in the step memory for mask-conditioned synthesis
@@ -143,7 +146,8 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
         info = load_teacher(ckpt, self.device)
         self._check_teacher_labels(info)
         info.network.decoder.deep_supervision = self.enable_deep_supervision
-        widen_student_from_teacher(unwrap_network(self.network), info.network, self.step.n_old_outputs)
+        widen_student_from_teacher(unwrap_network(self.network), info.network, self.step.n_old_outputs,
+                                   self.head_init)
         self.teacher, self.teacher_info = info.network, info
         self.print_to_log_file(f"Teacher: {ckpt} ({info.trainer_name}); student widened from "
                                f"{self.step.n_old_outputs} to {self.label_manager.num_segmentation_heads} outputs")
@@ -364,6 +368,7 @@ class nnUNetTrainerFT(nnUNetTrainerIncremental):
     only (no teacher term). At step 0 it is plain nnU-Net training plus the step memory."""
 
     uses_teacher_outputs = False
+    head_init = "random"
 
 
 class nnUNetTrainerJoint(nnUNetTrainer):

@@ -34,6 +34,7 @@ class nnUNetTrainerLwF(nnUNetTrainerIncremental):
     """Learning without Forgetting: nnU-Net's Dice+CE + ``kd_weight`` x LwF distillation at every DS scale."""
 
     default_hyperparameters = {"kd_weight": 100.0, "kd_alpha": 1.0}
+    head_init = "random"  # MiB's official code initialises the new rows randomly for LwF and ILT
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
