@@ -1,12 +1,16 @@
 """Run several trainers side by side on one scenario and write the continual evaluation.
 
-Default: the built-in phantom scenario (exactly the demo's: phantom, 3-step scenario, small network).
+Default: the built-in phantom scenario (the demo's phantom, scenario and network; ``--kind`` picks the 3D CT or
+the 2D laparoscopic one) with every continual trainer, once per ``--seeds`` value (phantom and patient split
+differ per seed), then the mean +- std over seeds of each trainer's final old / new / all Dice, mean
+forgetting and BWT, and the wall time, as ``seeds_summary.json`` and ``seeds_table.md`` in ``--output``.
 With ``--dataset``: any scenario made by ``nnUNetv2_cimis_make_scenario`` (give any of its step datasets; the
 environment's nnUNet_raw / _preprocessed / _results are used), e.g. a BTCV "4-4-5" scenario on a GPU machine.
 
 Examples::
 
-    python benchmarks/continual.py --output runs/phantom --trainers nnUNetTrainerFT nnUNetTrainerMiB
+    python benchmarks/continual.py --output runs/phantom --seeds 0 1 2
+    python benchmarks/continual.py --output runs/phantom --trainers nnUNetTrainerFT nnUNetTrainerMiB --seeds 0
     python benchmarks/continual.py --output runs/btcv --dataset 501 -c 3d_fullres -p nnUNetPlans \\
         --trainers nnUNetTrainerMiB nnUNetTrainerPGCDDAPD --iterations 250 --epochs 100
 """
@@ -14,10 +18,60 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import time
+from typing import Dict, List, Sequence
 
 from nnunetv2_cimis.errors import cli_entry
+
+FIGURES = ("old", "new", "all", "mean_forgetting", "bwt")
+
+
+def _final(summary: dict, trainer: str) -> Dict[str, float]:
+    """A trainer's final-step old / new / all Dice, mean forgetting and BWT from a summary.json."""
+    steps = summary["mean_dice"][trainer]
+    final = steps[str(max(int(k) for k in steps))]
+    out = {k: final.get(k) for k in ("old", "new", "all")}
+    out["mean_forgetting"] = summary.get("mean_forgetting", {}).get(trainer)
+    out["bwt"] = summary.get("bwt", {}).get(trainer)
+    return {k: (float(v) if v is not None else float("nan")) for k, v in out.items()}
+
+
+def _mean_std(values: Sequence[float]) -> (float, float, int):
+    v = [x for x in values if not math.isnan(x)]
+    if not v:
+        return float("nan"), float("nan"), 0
+    m = sum(v) / len(v)
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return m, sd, len(v)
+
+
+def aggregate_seeds(summaries: Dict[int, dict], wall_s: Dict[int, float]) -> dict:
+    """Mean +- sample std over seeds of every trainer's final figures (:data:`FIGURES`)."""
+    trainers = list(dict.fromkeys(t for s in summaries.values() for t in s["mean_dice"]))
+    table = {}
+    for t in trainers:
+        per_seed = {seed: _final(s, t) for seed, s in summaries.items() if t in s["mean_dice"]}
+        table[t] = {f: dict(zip(("mean", "std", "n"), _mean_std([v[f] for v in per_seed.values()])))
+                    for f in FIGURES}
+        table[t]["per_seed"] = per_seed
+    return {"seeds": sorted(summaries), "trainers": table, "wall_s": wall_s,
+            "joint_trainer": next((s.get("joint_trainer") for s in summaries.values()), None)}
+
+
+def seeds_markdown(agg: dict) -> str:
+    def cell(d):
+        return "n/a" if math.isnan(d["mean"]) else f"{d['mean']:.3f} +- {d['std']:.3f}"
+    lines = [f"Seeds {agg['seeds']}; mean +- sample std over seeds of the final step (NaN seeds left out).", "",
+             "| trainer | old | new | all | mean forgetting | BWT |", "| --- | --- | --- | --- | --- | --- |"]
+    for t, row in agg["trainers"].items():
+        name = f"{t} (joint, upper bound)" if t == agg.get("joint_trainer") else t
+        lines.append(f"| {name} | " + " | ".join(cell(row[f]) for f in FIGURES) + " |")
+    walls = [f"seed {k}: {v / 60:.1f} min" for k, v in sorted(agg["wall_s"].items())]
+    lines += ["", "Wall time per seed: " + ", ".join(walls)]
+    return "\n".join(lines) + "\n"
 
 
 @cli_entry
@@ -29,18 +83,35 @@ def main(argv=None):
     p.add_argument("--dataset", "-d", default=None, help="a step dataset of an existing scenario (default: phantom)")
     p.add_argument("-c", "--configuration", default="3d_fullres")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
-    p.add_argument("--iterations", type=int, default=100, help="iterations per epoch")
-    p.add_argument("--epochs", type=int, default=2, help="epochs of each incremental step")
-    p.add_argument("--epochs-step0", type=int, default=6)
-    p.add_argument("--epochs-joint", type=int, default=6)
+    p.add_argument("--kind", default="abdominal3d", help="phantom of the default scenario (abdominal3d, "
+                                                           "laparoscopic2d)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="phantom seeds of the default scenario")
+    p.add_argument("--cases", type=int, default=None, help="phantom cases (default: the demo's)")
+    p.add_argument("--iterations", type=int, default=None, help="iterations per epoch (default: the demo's)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of each incremental step (default: the demo's)")
+    p.add_argument("--epochs-step0", type=int, default=None)
+    p.add_argument("--epochs-joint", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="initial lr of incremental steps (nnUNet_cimis_lr)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--skip-step0", action="store_true", help="step 0 is already trained (nnUNetTrainerFT)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = p.parse_args(argv)
     if a.dataset is None:
-        result = run_demo(a.output, a.trainers, "abdominal3d", 15, a.epochs, a.epochs_step0, a.iterations,
-                          a.epochs_joint, a.jobs, overwrite=True, lr=a.lr or 1e-2)
+        summaries, walls = {}, {}
+        for seed in a.seeds:
+            t0 = time.time()
+            summaries[seed] = run_demo(os.path.join(a.output, f"seed_{seed}"), a.trainers or ["all"], a.kind,
+                                       a.cases, a.epochs, a.epochs_step0, a.iterations, a.epochs_joint, a.jobs,
+                                       seed=seed, overwrite=True, lr=a.lr)
+            walls[seed] = time.time() - t0
+        result = aggregate_seeds(summaries, walls)
+        os.makedirs(a.output, exist_ok=True)
+        with open(os.path.join(a.output, "seeds_summary.json"), "w") as f:
+            json.dump(result, f, indent=2, default=lambda v: None)
+        md = seeds_markdown(result)
+        with open(os.path.join(a.output, "seeds_table.md"), "w") as f:
+            f.write(md)
+        print(md)
     else:
         from nnunetv2_cimis.cli import ensure_trainer_path
         from nnunetv2_cimis.evaluation.evaluate import evaluate_scenario
@@ -52,12 +123,12 @@ def main(argv=None):
         with open(os.path.join(require_env("nnUNet_raw"), name, "dataset.json")) as f:
             info = read_step_info(json.load(f), name)
         trainers = a.trainers or continual_trainers(3 if a.configuration.startswith("3d") else 2)
-        env = {"nnUNet_cimis_epochs": str(a.epochs), "nnUNet_cimis_iterations": str(a.iterations),
+        env = {"nnUNet_cimis_epochs": str(a.epochs or 2), "nnUNet_cimis_iterations": str(a.iterations or 100),
                "OMP_WAIT_POLICY": "PASSIVE", **({"nnUNet_cimis_lr": str(a.lr)} if a.lr else {})}
         log_dir = os.path.join(os.path.abspath(a.output), "logs")
         os.makedirs(log_dir, exist_ok=True)
         train_scenario(info.step_datasets, info.joint_dataset, a.configuration, a.plans, trainers, env, log_dir,
-                       Clock(), a.epochs_step0, a.epochs_joint, a.jobs, not a.skip_step0, a.device)
+                       Clock(), a.epochs_step0 or 6, a.epochs_joint or 6, a.jobs, not a.skip_step0, a.device)
         result = evaluate_scenario(name, a.configuration, a.plans, 0, trainers, a.output, num_processes=0)
         print(result["markdown"])
     return result
