@@ -83,8 +83,9 @@ def window_scenarios(tmp_path_factory):
 def test_make_scenario_windows(window_scenarios):
     _, plans = window_scenarios
     step0, all_, fixed = (ct_windows(plans[w])[0] for w in ("step0", "all", "-150,250"))
-    # step 0 plans on liver (100 HU) and spleen (125 HU) only: the stomach's fluid (10 HU) and air fall below it
-    assert 50 < step0[0] < 100 < 125 < step0[1] < 170
+    # step 0 plans on liver (100 HU, contrast-filled vessels 180 HU) and spleen (125 HU) only: the stomach's
+    # fluid (10 HU) and air fall below it
+    assert 50 < step0[0] < 100 < 125 < step0[1] < 200
     # all steps' foreground: the stomach's air cap (-800 HU) and the kidney (150 HU) are inside
     assert all_[0] < -500 and all_[1] > 150
     assert fixed == (-150.0, 250.0)
