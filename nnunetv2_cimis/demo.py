@@ -235,10 +235,9 @@ def run_demo(output: str, trainers: Optional[Sequence[str]] = None, kind: str = 
                    epochs_joint, jobs, step0_trainer=step0_trainer)
     clock.log("evaluating every step's model on the held-out test set")
     from nnunetv2_cimis.evaluation.evaluate import evaluate_scenario
-    result = evaluate_scenario(steps[0], configuration, PLANS, 0, trainers, output, num_processes=0)
-    print(result["markdown"])
-    from nnunetv2_cimis.evaluation.report import print_glance
-    print_glance(result.get("at_a_glance_lines", []))  # last, so the verdict and any bounds warning stay in view
+    # the tables, then the at-a-glance lines (and any bounds WARNING) last, where they stay in view
+    result = evaluate_scenario(steps[0], configuration, PLANS, 0, trainers, output, num_processes=0,
+                               print_table=True)
     clock.log(f"done. Results in {output}: scores.csv, summary.json, report.md, dice_per_class.png")
     return result
 
