@@ -20,3 +20,12 @@ def tiny_scenario(tmp_path_factory):
     yield summary
     os.environ.clear()
     os.environ.update(old)
+
+
+@pytest.fixture
+def roots(tmp_path, monkeypatch):
+    """Empty nnUNet_raw / _preprocessed / _results under tmp_path, set in the environment."""
+    for k in ("raw", "preprocessed", "results"):
+        (tmp_path / k).mkdir()
+        monkeypatch.setenv(f"nnUNet_{k}", str(tmp_path / k))
+    return tmp_path

@@ -11,14 +11,6 @@ from nnunetv2_cimis.phantom.abdominal3d import write_abdominal_phantom
 from nnunetv2_cimis.scenarios.make_scenario import make_scenario
 
 
-@pytest.fixture
-def roots(tmp_path, monkeypatch):
-    for k in ("raw", "preprocessed", "results"):
-        (tmp_path / k).mkdir()
-        monkeypatch.setenv(f"nnUNet_{k}", str(tmp_path / k))
-    return tmp_path
-
-
 def _labels(path):
     return set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(path))).tolist())
 

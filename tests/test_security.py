@@ -279,14 +279,6 @@ def test_add_classes_refuses_malicious_or_unloadable_model(tiny_scenario, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------ 2. one name rule
-@pytest.fixture
-def roots(tmp_path, monkeypatch):
-    for k in ("raw", "preprocessed", "results"):
-        (tmp_path / k).mkdir()
-        monkeypatch.setenv(f"nnUNet_{k}", str(tmp_path / k))
-    return tmp_path
-
-
 def _phantom(roots, dataset_id=300, n=8):
     from nnunetv2_cimis.phantom.abdominal3d import write_abdominal_phantom
     return write_abdominal_phantom(str(roots / "raw"), dataset_id, n, shape=(16, 16, 16), seed=0)
