@@ -334,6 +334,15 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
             with exit_on_user_error():
                 self.write_step_memory()
 
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's final validation; at steps > 0 scored against step references (new classes from the masks,
+        old ones from the teacher), see :mod:`nnunetv2_cimis.training.validation`."""
+        if not self.step.is_incremental:
+            return super().perform_actual_validation(save_probabilities)
+        from nnunetv2_cimis.training.validation import perform_step_validation
+        with exit_on_user_error():
+            perform_step_validation(self, super().perform_actual_validation, save_probabilities)
+
     def write_step_memory(self) -> str:
         """Compute this step's memory from its training cases and save it next to the checkpoint."""
         tr_keys, _ = self.do_split()
