@@ -30,6 +30,7 @@ import SimpleITK as sitk
 from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError
 from nnunetv2_cimis.integrity import check_file_complete
+from nnunetv2_cimis.scenarios.datasets import claim_dataset_id
 
 LABEL_MAP_DIR = Path(__file__).resolve().parent / "label_maps"
 PathLike = Union[str, os.PathLike]
@@ -277,18 +278,8 @@ class RawDatasetWriter:
                                      else set(label_values(self.labels)))
         self.raw = nnunet_raw_folder()
         self.target = self.raw / self.folder_name
-        taken = [p.name for p in self.raw.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir()]
-        if taken and not (overwrite and taken == [self.folder_name]):
-            hint = " (pass --overwrite to replace it)" if taken == [self.folder_name] else ""
-            raise CIMISError(f"dataset id {dataset_id} is already taken in {self.raw}: {', '.join(taken)}; "
-                             f"choose another --output-id{hint}")
-        for var in ("nnUNet_preprocessed", "nnUNet_results"):  # nnU-Net finds datasets by id in all three
-            other = os.environ.get(var)
-            clash = sorted(p.name for p in Path(other).glob(f"Dataset{dataset_id:03d}_*")
-                           if p.name != self.folder_name) if other and Path(other).is_dir() else []
-            if clash:
-                raise CIMISError(f"dataset id {dataset_id} is already used in ${var}: {', '.join(clash)}; "
-                                 f"choose another --output-id")
+        claim_dataset_id(dataset_id, self.folder_name, overwrite, raw=os.fspath(self.raw), option="--output-id",
+                         overwrite_hint=" or pass --overwrite to replace it")
         self.tmp: Optional[Path] = None
         self.num_training = 0
         self.num_test = 0

@@ -94,30 +94,10 @@ class Clock:
 
 
 def demo_environment(output: str, epochs: int, iterations: int, lr: Optional[float] = None) -> Dict[str, str]:
-    """nnU-Net folders under ``output`` and CPU settings (see docs/NNUNET facts: in-process augmentation,
-    one worker for the final validation, no compilation)."""
-    from nnunetv2_cimis.cli import trainer_path
-    root = os.path.join(os.path.abspath(output), "nnunet")
-    env = {
-        "nnUNet_raw": os.path.join(root, "raw"),
-        "nnUNet_preprocessed": os.path.join(root, "preprocessed"),
-        "nnUNet_results": os.path.join(root, "results"),
-        "nnUNet_extTrainer": trainer_path(),
-        "nnUNet_n_proc_DA": "0",
-        "nnUNet_def_n_proc": "1",
-        "nnUNet_compile": "false",
-        "nnUNet_cimis_epochs": str(epochs),
-        "nnUNet_cimis_iterations": str(iterations),
-        "nnUNet_cimis_val_iterations": "2",
-        **({"nnUNet_cimis_lr": str(lr)} if lr else {}),
-        # nnUNetv2_train on CPU gives torch one OpenMP thread per core; with two runs at a time, OpenMP's
-        # spin-waiting threads then fight over the cores (measured: 40 iterations took 115 s instead of 9 s).
-        # Passive waiting removes that.
-        "OMP_WAIT_POLICY": "PASSIVE",
-    }
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.makedirs(env[k], exist_ok=True)
-    return env
+    """nnU-Net folders under ``output/nnunet`` and the package's one CPU set-up
+    (:func:`nnunetv2_cimis.settings.cpu_nnunet_environment`, shared with the tests), two validation iterations."""
+    from nnunetv2_cimis.settings import cpu_nnunet_environment
+    return cpu_nnunet_environment(os.path.join(os.path.abspath(output), "nnunet"), epochs, iterations, 2, lr)
 
 
 def run_training(dataset: str, configuration: str, trainer: str, env: Dict[str, str], log_dir: str,

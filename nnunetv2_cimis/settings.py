@@ -10,14 +10,24 @@ same for training length, learning rate and method hyperparameters:
 ``nnUNet_cimis_val_iterations`` validation iterations per epoch (default 50)
 ``nnUNet_cimis_lr``             initial learning rate of incremental steps (t > 0)
 ``nnUNet_cimis_hparams``        a JSON object, or the path of a JSON file, overriding named hyperparameters
+``nnUNet_cimis_variant_folders`` ``1``: results folders named after the non-default settings (see below)
 ==============================  ==========================================================================
+
+Results folders of variants. nnU-Net names a results folder ``<trainer>__<plans>__<configuration>`` from the
+trainer's class name, so runs that differ only in ``nnUNet_cimis_hparams`` / ``nnUNet_cimis_lr`` would share a
+folder. With ``nnUNet_cimis_variant_folders=1`` the trainer part becomes ``<trainer>_<settings>``
+(:func:`variant_trainer_name`, e.g. ``nnUNetTrainerMiB_kd_weight5_lr0p005``); the name stays a Python
+identifier without ``__``, so ``nnUNetv2_predict -tr nnUNetTrainerMiB_kd_weight5_lr0p005`` finds the folder
+(nnU-Net takes the trainer class from the checkpoint, not from ``-tr``). Training length
+(``nnUNet_cimis_epochs`` / ``_iterations``) is not part of the name.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 from nnunetv2_cimis.errors import CIMISError
 
@@ -27,6 +37,9 @@ ENV_VAL_ITERATIONS = "nnUNet_cimis_val_iterations"
 ENV_LR = "nnUNet_cimis_lr"
 ENV_HPARAMS = "nnUNet_cimis_hparams"
 ENV_TEACHER = "nnUNet_cimis_teacher"
+ENV_VARIANT_FOLDERS = "nnUNet_cimis_variant_folders"
+#: longer settings parts are replaced by a hash of the settings
+MAX_VARIANT_LENGTH = 80
 
 
 def _positive(name: str, cast):
@@ -118,3 +131,144 @@ def resolve_hyperparameters(defaults: Mapping[str, Any], trainer_name: str) -> D
             v = type(default)(v)
         hp[k] = v
     return hp
+
+
+def variant_folders_enabled() -> bool:
+    """``nnUNet_cimis_variant_folders``: 1/true/yes/on or 0/false/no/off (unset = off)."""
+    raw = os.environ.get(ENV_VARIANT_FOLDERS, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise CIMISError(f"{ENV_VARIANT_FOLDERS}={raw!r} must be 1 (results folders named after the non-default "
+                     f"settings) or 0 / unset (nnU-Net's folder names)")
+
+
+def _identifier_part(value: Any) -> str:
+    """A setting's value as letters, digits and single underscores: 0.005 -> 0p005, -1e-05 -> m1em05."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (int, float)):
+        text = f"{value:g}".replace("-", "m").replace("+", "").replace(".", "p")
+    elif isinstance(value, (list, tuple)):
+        text = "_".join(_identifier_part(v) for v in value) or "none"
+    elif isinstance(value, str):
+        text = value
+    else:
+        text = json.dumps(value, sort_keys=True)
+    text = "".join(c if c.isascii() and c.isalnum() else "_" for c in text)
+    return "_".join(part for part in text.split("_") if part) or "none"
+
+
+def variant_settings(defaults: Mapping[str, Any], hp: Mapping[str, Any], lr: Optional[float],
+                     default_lr: Optional[float]) -> Dict[str, Any]:
+    """The settings that differ from the trainer's defaults: hyperparameters, and ``lr`` when given."""
+    changed = {k: hp[k] for k in sorted(hp) if k not in defaults or hp[k] != defaults[k]}
+    if lr is not None and lr != default_lr:
+        changed["lr"] = lr
+    return changed
+
+
+def variant_trainer_name(trainer_name: str, changed: Mapping[str, Any]) -> str:
+    """``trainer_name`` for default settings, else ``<trainer_name>_<key><value>_...`` (a Python identifier
+    without ``__``; a hash of the settings when that part would exceed :data:`MAX_VARIANT_LENGTH`)."""
+    if not changed:
+        return trainer_name
+    parts = []
+    for k, v in changed.items():
+        key, value = _identifier_part(k), _identifier_part(v)
+        parts.append(f"{key}{value}" if isinstance(v, (int, float)) and not isinstance(v, bool)
+                     else f"{key}_{value}")
+    suffix = "_".join(parts)
+    if len(suffix) > MAX_VARIANT_LENGTH:
+        digest = hashlib.sha1(json.dumps(dict(changed), sort_keys=True, default=str).encode()).hexdigest()[:12]
+        suffix = f"settings{digest}"
+    return f"{trainer_name.rstrip('_')}_{suffix}"
+
+
+def results_trainer_name(trainer_name: str, defaults: Mapping[str, Any], default_lr: Optional[float],
+                         is_incremental: bool, hp: Optional[Mapping[str, Any]] = None) -> str:
+    """The trainer part of a run's results folder: ``trainer_name``, or with ``nnUNet_cimis_variant_folders=1``
+    the variant name of the non-default settings in the environment. The learning rate counts at incremental
+    steps only (``nnUNet_cimis_lr`` does not apply to step 0)."""
+    if not variant_folders_enabled():
+        return trainer_name
+    if hp is None:
+        hp = resolve_hyperparameters(defaults, trainer_name)
+    lr = incremental_lr(default_lr) if is_incremental and default_lr is not None else None
+    return variant_trainer_name(trainer_name, variant_settings(defaults, hp, lr, default_lr))
+
+
+def nnunet_fold_folders(trainer_name: str, plans: Mapping[str, Any], configuration: str, fold) -> list:
+    """The folders nnU-Net's trainer ``__init__`` creates for a fold (dataset, model, fold), outermost first;
+    empty when ``nnUNet_results`` is unset."""
+    root = os.environ.get("nnUNet_results")
+    if not root:
+        return []
+    dataset = os.path.join(root, str(plans.get("dataset_name")))
+    model = os.path.join(dataset, f"{trainer_name}__{plans.get('plans_name')}__{configuration}")
+    return [dataset, model, os.path.join(model, f"fold_{fold}")]
+
+
+def move_to_variant_folder(trainer, folder_trainer_name: str, created: list) -> None:
+    """Point a just-built nnU-Net trainer at ``<folder_trainer_name>__<plans>__<configuration>/fold_x``.
+
+    nnU-Net's ``__init__`` has already made (empty) folders under the class name: those listed in ``created``
+    (the ones that did not exist before) are removed again if still empty. The logger is rebuilt on the new
+    folder; nothing has been logged yet at that point.
+    """
+    if trainer.output_folder_base is None or folder_trainer_name == type(trainer).__name__:
+        return
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+    trainer.output_folder_base = os.path.join(
+        os.path.dirname(trainer.output_folder_base),
+        f"{folder_trainer_name}__{trainer.plans_manager.plans_name}__{trainer.configuration_name}")
+    trainer.output_folder = os.path.join(trainer.output_folder_base, f"fold_{trainer.fold}")
+    os.makedirs(trainer.output_folder, exist_ok=True)
+    trainer.log_file = os.path.join(trainer.output_folder, os.path.basename(trainer.log_file))
+    trainer.logger = MetaLogger(trainer.output_folder, trainer.logger.resume)
+    trainer.logger.update_config({"plans": trainer.plans_manager.plans, "configuration": trainer.configuration_name,
+                                  "fold": trainer.fold, "dataset": trainer.dataset_json})
+    for folder in reversed(created):
+        try:
+            os.rmdir(folder)  # only if empty: a folder nnU-Net made for this run and nothing wrote into
+        except OSError:
+            pass
+
+
+def cpu_nnunet_environment(root: str, epochs: int, iterations: int, val_iterations: int,
+                           lr: Optional[float] = None, omp_threads: Optional[int] = None) -> Dict[str, str]:
+    """Environment variables for nnU-Net and the package's trainers on a CPU, with nnU-Net's three folders
+    under ``root`` (created). The one CPU set-up of the demo and the tests (docs/usage.md, "Running on CPU"):
+
+    * ``nnUNet_n_proc_DA=0``: augmentation in the training process (faster than 3 workers on 2 cores);
+    * ``nnUNet_def_n_proc=1``: one worker for the final validation (nnU-Net starts a pool of 8 otherwise);
+    * ``nnUNet_compile=false``;
+    * ``OMP_WAIT_POLICY=PASSIVE``: nnUNetv2_train on CPU gives torch one OpenMP thread per core; with two runs at
+      a time, spin-waiting threads fight over the cores (measured: 40 iterations took 115 s instead of 9 s);
+    * ``OMP_NUM_THREADS`` when ``omp_threads`` is given;
+    * training length (``nnUNet_cimis_epochs``, ``_iterations``, ``_val_iterations``) and, when given,
+      ``nnUNet_cimis_lr``; ``nnUNet_extTrainer`` lists the package's trainer folder.
+    """
+    from nnunetv2_cimis.cli import trainer_path
+    root = os.path.abspath(root)
+    env = {
+        "nnUNet_raw": os.path.join(root, "raw"),
+        "nnUNet_preprocessed": os.path.join(root, "preprocessed"),
+        "nnUNet_results": os.path.join(root, "results"),
+        "nnUNet_extTrainer": trainer_path(),
+        "nnUNet_n_proc_DA": "0",
+        "nnUNet_def_n_proc": "1",
+        "nnUNet_compile": "false",
+        ENV_EPOCHS: str(epochs),
+        ENV_ITERATIONS: str(iterations),
+        ENV_VAL_ITERATIONS: str(val_iterations),
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    if lr:
+        env[ENV_LR] = str(lr)
+    if omp_threads is not None:
+        env["OMP_NUM_THREADS"] = str(omp_threads)
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.makedirs(env[k], exist_ok=True)
+    return env

@@ -21,25 +21,10 @@ FEATURES = (4, 8, 16, 32)
 
 
 def nnunet_env(root: str, iterations: int = 2, epochs: int = 1, val_iterations: int = 1) -> Dict[str, str]:
-    """Environment variables for nnU-Net and the package's trainers under ``root``, CPU-friendly."""
-    from nnunetv2_cimis.cli import trainer_path
-    env = {
-        "nnUNet_raw": os.path.join(root, "raw"),
-        "nnUNet_preprocessed": os.path.join(root, "preprocessed"),
-        "nnUNet_results": os.path.join(root, "results"),
-        "nnUNet_extTrainer": trainer_path(),
-        "nnUNet_n_proc_DA": "0",
-        "nnUNet_def_n_proc": "1",
-        "nnUNet_compile": "false",
-        "nnUNet_cimis_epochs": str(epochs),
-        "nnUNet_cimis_iterations": str(iterations),
-        "nnUNet_cimis_val_iterations": str(val_iterations),
-        "OMP_NUM_THREADS": "1",
-        "OMP_WAIT_POLICY": "PASSIVE",  # no OpenMP spin-waiting when processes share the two cores
-    }
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.makedirs(env[k], exist_ok=True)
-    return env
+    """Environment variables for nnU-Net and the package's trainers under ``root``: the package's CPU set-up
+    (:func:`nnunetv2_cimis.settings.cpu_nnunet_environment`, shared with the demo), one OpenMP thread."""
+    from nnunetv2_cimis.settings import cpu_nnunet_environment
+    return cpu_nnunet_environment(root, epochs, iterations, val_iterations, omp_threads=1)
 
 
 def make_tiny_scenario(root: str, scenario: str = "2-2-2", num_cases: int = 13, ids: Sequence[int] = (901, 902, 903),

@@ -282,16 +282,10 @@ def write_abdominal_phantom(raw_folder: str, dataset_id: int, num_cases: int,
 
     folder_name = f"Dataset{int(dataset_id):03d}_{dataset_name}"
     os.makedirs(raw_folder, exist_ok=True)
-    taken = [d for d in os.listdir(raw_folder) if d.startswith(f"Dataset{int(dataset_id):03d}_")
-             and os.path.isdir(os.path.join(raw_folder, d))]
-    others = [d for d in taken if d != folder_name]
-    if others:
-        raise CIMISError(f"dataset id {int(dataset_id)} is already used by {others} in {raw_folder}; "
-                         f"choose another id")
+    from nnunetv2_cimis.scenarios.datasets import claim_dataset_id
+    claim_dataset_id(int(dataset_id), folder_name, overwrite, raw=raw_folder, overwrite_hint=" or pass overwrite=True")
     out = os.path.join(raw_folder, folder_name)
-    if taken and not overwrite:
-        raise CIMISError(f"{out} already exists; choose another id or pass overwrite=True")
-    if taken:
+    if os.path.lexists(out):  # overwrite=True: replace this phantom
         import shutil
         shutil.rmtree(out)
     os.makedirs(os.path.join(out, "imagesTr"))

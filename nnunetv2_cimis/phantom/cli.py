@@ -27,15 +27,6 @@ def _raw_folder() -> str:
     return raw
 
 
-def _check_id_free(raw: str, dataset_id: int) -> None:
-    prefix = f"Dataset{dataset_id:03d}_"
-    if os.path.isdir(raw):
-        taken = sorted(d for d in os.listdir(raw) if d.startswith(prefix))
-        if taken:
-            raise CIMISError(f"dataset id {dataset_id} is already taken in {raw} by {taken}; choose another "
-                             f"id with -d or remove that folder")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nnUNetv2_cimis_phantom",
                                 description="Write a synthetic phantom dataset as an nnU-Net raw dataset "
@@ -65,7 +56,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise CIMISError(f"-d must be in 1..999, got {args.dataset_id}")
     if args.num_cases < 1:
         raise CIMISError(f"-n must be >= 1, got {args.num_cases}")
-    _check_id_free(raw, args.dataset_id)
+    from nnunetv2_cimis.scenarios.datasets import claim_dataset_id
+    claim_dataset_id(args.dataset_id, raw=raw, option="id with -d")
 
     if args.kind == "abdominal3d":
         from nnunetv2_cimis.phantom.abdominal3d import write_abdominal_phantom
