@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_cimis.losses.iapl import IAPLLoss, soft_dice_loss
+from nnunetv2_cimis.losses.dice import soft_dice_loss
+from nnunetv2_cimis.losses.iapl import IAPLLoss
 from nnunetv2_cimis.networks.iapl import (DynamicClassHeads, IAPLNetwork, KMeansTransformerLayer, cluster_purity,
                                           confidence_weighted_pooling, confidence_weights, kmeans_update,
                                           purity_threshold)
@@ -284,10 +285,13 @@ def test_loss_aux_target_resized_nearest():
 
 
 def test_soft_dice_absent_class_is_perfect():
-    probs = torch.zeros(1, 2, 3)
+    """IAPL's Dice (the package's soft Dice per image, foreground channels): 1 - Dice of an absent class that is
+    not predicted is 0."""
+    probs = torch.zeros(1, 2, 3, 1)
     probs[:, 0] = 1
-    one_hot = probs.clone()
-    assert soft_dice_loss(probs, one_hot).item() == pytest.approx(0.0, abs=1e-6)
+    labels = torch.zeros(1, 3, 1, dtype=torch.long)
+    assert 1 + soft_dice_loss(probs, labels, include_background=False).item() == pytest.approx(0.0, abs=1e-6)
+    assert IAPLLoss(2)._dice(probs, labels).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_loss_bad_options_and_shapes():

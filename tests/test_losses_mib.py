@@ -7,8 +7,8 @@ import torch
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunetv2_cimis.losses.deep_supervision import apply_over_scales, deep_supervision_weights
-from nnunetv2_cimis.losses.mib import (UnbiasedCrossEntropy, UnbiasedDiceCELoss, UnbiasedKnowledgeDistillation,
-                                       soft_dice_loss)
+from nnunetv2_cimis.losses.dice import soft_dice_loss
+from nnunetv2_cimis.losses.mib import UnbiasedCrossEntropy, UnbiasedDiceCELoss, UnbiasedKnowledgeDistillation
 
 
 def _np_softmax(v, axis=0):

@@ -15,18 +15,7 @@ import torch
 from torch import nn
 
 from nnunetv2_cimis.errors import CIMISError
-
-
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """Return the plain module behind DistributedDataParallel and torch.compile wrappers."""
-    mod = network
-    while True:
-        if isinstance(mod, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            mod = mod.module
-        elif hasattr(mod, "_orig_mod"):
-            mod = mod._orig_mod
-        else:
-            return mod
+from nnunetv2_cimis.networks.unwrap import unwrap_network
 
 
 def resolve_module(network: nn.Module, path: str) -> nn.Module:

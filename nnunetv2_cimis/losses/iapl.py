@@ -17,24 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_cimis.losses.common import check_logits, labels_to_index, resize_labels_nearest
-
-
-def soft_dice_loss(probs: torch.Tensor, one_hot: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
-    """``1 - mean_{b, k>=1} (2 sum p*y + s) / (sum p + sum y + s)`` over foreground channels 1..K-1.
-
-    Args:
-        probs: ``(B, K, ...)`` probabilities in [0, 1].
-        one_hot: ``(B, K, ...)`` one-hot targets, same shape.
-        smooth: added to numerator and denominator (an absent, unpredicted class scores Dice 1).
-    """
-    if probs.shape != one_hot.shape:
-        raise ValueError(f"probs {tuple(probs.shape)} and one_hot {tuple(one_hot.shape)} must have the same shape")
-    p = probs[:, 1:].flatten(2)
-    y = one_hot[:, 1:].flatten(2).to(p.dtype)
-    inter = (p * y).sum(-1)
-    dice = (2 * inter + smooth) / (p.sum(-1) + y.sum(-1) + smooth)
-    return 1 - dice.mean()
+from nnunetv2_cimis.losses.common import check_label_range, check_logits, labels_to_index, resize_labels_nearest
+from nnunetv2_cimis.losses.dice import soft_dice_loss
 
 
 class IAPLLoss(nn.Module):
@@ -77,10 +61,12 @@ class IAPLLoss(nn.Module):
         self.smooth = float(smooth)
 
     def _one_hot(self, labels: torch.Tensor) -> torch.Tensor:
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels must be in [0, {self.num_classes}), found values in "
-                             f"[{int(labels.min())}, {int(labels.max())}]; ignore labels are not supported")
+        check_label_range(labels, self.num_classes, name="target (ignore labels are not supported)")
         return torch.movedim(F.one_hot(labels, self.num_classes), -1, 1)
+
+    def _dice(self, probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``1 - mean_{b, k>=1} Dice``: the package's soft Dice per image over the foreground channels."""
+        return 1 + soft_dice_loss(probs, labels, smooth=self.smooth, include_background=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor,
                 aux_log_probs: Sequence[torch.Tensor] = ()) -> torch.Tensor:
@@ -92,7 +78,7 @@ class IAPLLoss(nn.Module):
         one_hot = self._one_hot(labels)
         logits_f = logits.float()
         loss = self.bce_weight * F.binary_cross_entropy_with_logits(logits_f, one_hot.float())
-        loss = loss + self.dice_weight * soft_dice_loss(torch.sigmoid(logits_f), one_hot, self.smooth)
+        loss = loss + self.dice_weight * self._dice(torch.sigmoid(logits_f), labels)
         if self.aux_weight > 0:
             for i, lp in enumerate(aux_log_probs):
                 check_logits(f"aux_log_probs[{i}]", lp)
@@ -102,6 +88,6 @@ class IAPLLoss(nn.Module):
                 small = resize_labels_nearest(labels, lp.shape[2:])
                 lp = lp.float()
                 ce = F.nll_loss(lp, small)
-                dice = soft_dice_loss(lp.exp(), self._one_hot(small), self.smooth)
+                dice = self._dice(lp.exp(), small)
                 loss = loss + self.aux_weight * (ce + dice)
         return loss

@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_cimis.losses.common import (check_logits, check_same_spatial, labels_to_index,
+from nnunetv2_cimis.losses.common import (check_label_range, check_logits, check_same_spatial, labels_to_index,
                                           merge_new_into_background, merge_old_into_background)
+from nnunetv2_cimis.losses.dice import soft_dice_loss
 
-__all__ = ["UnbiasedCrossEntropy", "UnbiasedKnowledgeDistillation", "UnbiasedDiceCELoss", "soft_dice_loss"]
+__all__ = ["UnbiasedCrossEntropy", "UnbiasedKnowledgeDistillation", "UnbiasedDiceCELoss"]
 
 
 def _check_n_old(n_old) -> int:
@@ -62,59 +63,11 @@ def _merged_labels(logits: torch.Tensor, target: torch.Tensor, n_old: int,
                          f"{tuple(logits.shape)}); n_old counts the teacher's channels, background included")
     labels = labels_to_index(target, logits)
     valid = None if ignore_index is None else labels != ignore_index
-    check = labels if valid is None else labels[valid]
-    if check.numel() and (int(check.min()) < 0 or int(check.max()) >= n_total):
-        raise ValueError(f"target holds labels in [{int(check.min())}, {int(check.max())}] but the logits have "
-                         f"{n_total} channels; labels must be in [0, {n_total - 1}]"
-                         + ("" if ignore_index is None else f" or the ignore index {ignore_index}"))
+    check_label_range(labels, n_total, ignore_index, name=f"target (for logits with {n_total} channels)")
     merged = torch.where(labels < n_old, torch.zeros_like(labels), labels - n_old + 1)
     if valid is not None:
         merged = torch.where(valid, merged, torch.zeros_like(merged))
     return merged, valid
-
-
-def soft_dice_loss(probs: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                   batch_dice: bool = False, smooth: float = 1e-5, include_background: bool = True) -> torch.Tensor:
-    """nnU-Net's soft Dice loss (``MemoryEfficientSoftDiceLoss``) on given probabilities.
-
-    ``dc_c = (2 sum p_c y_c + smooth) / (sum p_c + sum y_c + smooth)``, sums over the spatial axes (and the
-    batch if ``batch_dice``), returns ``-mean_c dc_c`` as nnU-Net does (the loss differs from ``1 - Dice``
-    by a constant only, so training and logged values match nnU-Net's).
-
-    Args:
-        probs: ``(B, K, X, Y[, Z])`` probabilities.
-        labels: ``(B, X, Y[, Z])`` integer labels in ``[0, K)``.
-        mask: optional ``(B, X, Y[, Z])`` bool/float, 1 = voxel counts.
-        batch_dice: sum over the batch before the ratio (nnU-Net's ``batch_dice`` of the plans).
-        smooth: added to numerator and denominator (nnU-Net: 1e-5).
-        include_background: keep channel 0 (nnU-Net's ``do_bg``).
-
-    Raises:
-        ValueError: shapes that do not match, or a single channel with ``include_background=False``.
-    """
-    check_logits("probs", probs)
-    if labels.shape != probs.shape[:1] + probs.shape[2:]:
-        raise ValueError(f"labels {tuple(labels.shape)} must be (B, X, Y[, Z]) matching probs {tuple(probs.shape)}")
-    if not include_background and probs.shape[1] < 2:
-        raise ValueError(f"include_background=False needs at least 2 channels, got probs {tuple(probs.shape)}")
-    probs = probs.float()
-    onehot = F.one_hot(labels.long(), probs.shape[1]).movedim(-1, 1).float()
-    if not include_background:
-        probs, onehot = probs[:, 1:], onehot[:, 1:]
-    axes = tuple(range(2, probs.ndim))
-    if mask is not None:
-        m = mask.to(probs.dtype)[:, None]
-        intersect = (probs * onehot * m).sum(axes)
-        sum_pred = (probs * m).sum(axes)
-        sum_gt = (onehot * m).sum(axes)
-    else:
-        intersect = (probs * onehot).sum(axes)
-        sum_pred = probs.sum(axes)
-        sum_gt = onehot.sum(axes)
-    if batch_dice:
-        intersect, sum_pred, sum_gt = intersect.sum(0), sum_pred.sum(0), sum_gt.sum(0)
-    dc = (2 * intersect + smooth) / (sum_gt + sum_pred + smooth).clamp_min(1e-8)
-    return -dc.mean()
 
 
 class UnbiasedCrossEntropy(nn.Module):
@@ -134,7 +87,9 @@ class UnbiasedCrossEntropy(nn.Module):
         ignored.
 
     Raises:
-        ValueError: bad ``n_old``/``ignore_index``, bad shapes, labels outside ``[0, C_total)``.
+        ValueError: bad ``n_old``/``ignore_index``, bad shapes, labels outside ``[0, C_total)`` (label values are
+            checked on CPU tensors, or everywhere with ``nnUNet_cimis_debug_checks=1``; see
+            :mod:`nnunetv2_cimis.losses.common`).
     """
 
     def __init__(self, n_old: int, ignore_index: Optional[int] = None):
@@ -149,9 +104,9 @@ class UnbiasedCrossEntropy(nn.Module):
         nll = -log_p.gather(1, merged_labels[:, None])[:, 0]
         if valid is None:
             return nll.mean()
-        if not bool(valid.any()):
-            return logits.sum() * 0.0
-        return nll[valid].mean()
+        # mean over the valid voxels without reading their count on the host (no device synchronisation);
+        # 0 with a graph when every voxel is ignored
+        return torch.where(valid, nll, torch.zeros_like(nll)).sum() / valid.sum().clamp_min(1)
 
     def extra_repr(self) -> str:
         return f"n_old={self.n_old}, ignore_index={self.ignore_index}"

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_cimis.losses.common import check_logits, labels_to_index
+from nnunetv2_cimis.losses.common import check_label_range, check_logits, labels_to_index
 from nnunetv2_cimis.losses.deep_supervision import apply_over_scales, deep_supervision_weights
-from nnunetv2_cimis.losses.mib import soft_dice_loss
+from nnunetv2_cimis.losses.dice import soft_dice_loss
 
 __all__ = ["region_splits", "LocalPOD", "sum_new_logits_into_background", "PLOPDistillationLoss",
            "normalized_entropy", "PLOPPseudoLabeller", "PseudoLabelDiceCELoss"]
@@ -446,10 +446,7 @@ class PseudoLabelDiceCELoss(nn.Module):
         check_logits("logits", logits)
         labels = labels_to_index(pseudo_target, logits)
         valid = labels != self.ignore_index
-        vals = labels[valid]
-        if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= logits.shape[1]):
-            raise ValueError(f"pseudo_target holds labels in [{int(vals.min())}, {int(vals.max())}], outside "
-                             f"[0, {logits.shape[1] - 1}] and not the ignore index {self.ignore_index}")
+        check_label_range(labels, logits.shape[1], self.ignore_index, name="pseudo_target")
         safe = torch.where(valid, labels, torch.zeros_like(labels))
         loss = logits.new_zeros((), dtype=torch.float32)
         if self.weight_ce:

@@ -18,54 +18,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from nnunetv2_cimis.features.taps import FeatureTaps, unwrap_network
+from nnunetv2_cimis.features.taps import FeatureTaps
 from nnunetv2_cimis.losses.common import resize_labels_nearest
 from nnunetv2_cimis.memory.step_memory import StepMemory
+from nnunetv2_cimis.networks.norm_statistics import NormInputRecorder
+from nnunetv2_cimis.networks.unwrap import unwrap_network
 
-NORM_TYPES = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.BatchNorm1d, nn.BatchNorm2d,
-              nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
 DEFAULT_PROTOTYPE_TAP = "decoder.stages.-2"
-
-
-def normalisation_layers(network: nn.Module) -> Dict[str, nn.Module]:
-    """Module name -> module for every normalisation layer of the (unwrapped) network."""
-    return {n: m for n, m in unwrap_network(network).named_modules() if isinstance(m, NORM_TYPES)}
-
-
-class NormInputStatistics:
-    """Forward pre-hooks accumulating per-channel sum, sum of squares and count of each norm layer's input."""
-
-    def __init__(self, network: nn.Module):
-        self.sums: Dict[str, torch.Tensor] = {}
-        self.squares: Dict[str, torch.Tensor] = {}
-        self.counts: Dict[str, float] = {}
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in normalisation_layers(network).items()]
-
-    def _hook(self, name):
-        def hook(_module, inputs):
-            x = inputs[0].detach().double()
-            dims = [0] + list(range(2, x.ndim))
-            s, q = x.sum(dims), (x * x).sum(dims)
-            n = x.numel() / x.shape[1]
-            if name in self.sums:
-                self.sums[name] += s
-                self.squares[name] += q
-                self.counts[name] += n
-            else:
-                self.sums[name], self.squares[name], self.counts[name] = s, q, n
-        return hook
-
-    def result(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        out = {}
-        for k in self.sums:
-            mean = self.sums[k] / self.counts[k]
-            var = (self.squares[k] / self.counts[k] - mean * mean).clamp_min(0)
-            out[k] = {"mean": mean.float().cpu(), "var": var.float().cpu()}
-        return out
-
-    def remove(self):
-        for h in self._handles:
-            h.remove()
 
 
 def crop_around(array: np.ndarray, center: Sequence[int], size: Sequence[int], pad_value=0) -> np.ndarray:
@@ -115,7 +74,7 @@ def compute_step_memory(network: nn.Module, dataset, identifiers: Sequence[str],
     rng = np.random.RandomState(seed)
     n_rows = max(labels) + 1
     taps = FeatureTaps(network, {"proto": prototype_tap}, detach=True)
-    norm_stats = NormInputStatistics(network)
+    norm_stats = NormInputRecorder(network, batch_stats=False, accumulate=True)
     sums = None
     counts = torch.zeros(n_rows, dtype=torch.float64)
     bank: List[np.ndarray] = []

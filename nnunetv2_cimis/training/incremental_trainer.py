@@ -28,10 +28,12 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_cimis.errors import CIMISError, exit_on_user_error
-from nnunetv2_cimis.features.taps import FeatureTaps, unwrap_network
+from nnunetv2_cimis.features.taps import FeatureTaps
+from nnunetv2_cimis.losses.common import check_batch_labels
 from nnunetv2_cimis.memory.compute import DEFAULT_PROTOTYPE_TAP, compute_step_memory
 from nnunetv2_cimis.memory.step_memory import STEP_MEMORY_FILENAME, StepMemory, carry_forward
 from nnunetv2_cimis.memory.teacher_memory import ensure_step_memory
+from nnunetv2_cimis.networks.unwrap import unwrap_network
 from nnunetv2_cimis.safe_load import load_weights_only, torch_load_weights_only
 from nnunetv2_cimis.scenarios.step_metadata import StepInfo, read_step_info
 from nnunetv2_cimis.settings import apply_training_length, incremental_lr, resolve_hyperparameters
@@ -231,6 +233,9 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
         return _RoutedLoss(self)
 
     def train_step(self, batch: dict) -> dict:
+        with exit_on_user_error():  # label values once per batch, on the host: the losses do not check them on a GPU
+            check_batch_labels(batch["target"], self.label_manager.num_segmentation_heads,
+                               self.label_manager.ignore_label)
         out = self._train_step(batch)
         self._check_loss_finite(out)
         return out

@@ -41,7 +41,6 @@ from typing import Any, Dict
 
 import torch
 from torch import nn
-from torch._dynamo import OptimizedModule
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -49,6 +48,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnunetv2_cimis.errors import CIMISError, exit_on_user_error
 from nnunetv2_cimis.losses.iapl import IAPLLoss
 from nnunetv2_cimis.networks.iapl import IAPLNetwork
+from nnunetv2_cimis.networks.unwrap import unwrap_network
 from nnunetv2_cimis.settings import apply_training_length, resolve_hyperparameters
 
 #: hyperparameters that shape the network (passed to IAPLNetwork)
@@ -137,17 +137,11 @@ class nnUNetTrainerIAPL(nnUNetTrainer):
                             bce_weight=self.hp["bce_weight"], dice_weight=self.hp["dice_weight"])
         return IAPLDeepSupervisionLoss(loss)
 
-    def _unwrapped_network(self) -> IAPLNetwork:
-        mod = self.network.module if self.is_ddp else self.network
-        if isinstance(mod, OptimizedModule):
-            mod = mod._orig_mod
-        return mod
-
     def training_progress(self) -> float:
         """Epoch / (epochs - 1), in [0, 1]: the position of the purity-threshold ramp."""
         return min(1.0, self.current_epoch / max(1, self.num_epochs - 1))
 
     def on_train_epoch_start(self):
-        threshold = self._unwrapped_network().set_training_progress(self.training_progress())
+        threshold = unwrap_network(self.network).set_training_progress(self.training_progress())
         super().on_train_epoch_start()
         self.print_to_log_file(f"IAPL foreground-filter purity threshold: {threshold:.3f}")
