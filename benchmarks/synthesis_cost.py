@@ -40,7 +40,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args(argv)
-    from nnunetv2_cimis.synthesis.inversion import InversionConfig, NormInputRecorder, invert, pool_statistics
+    from nnunetv2_cimis.networks.norm_statistics import NormInputRecorder, pool_statistics
+    from nnunetv2_cimis.synthesis.inversion import InversionConfig, invert
 
     if args.threads:
         torch.set_num_threads(args.threads)

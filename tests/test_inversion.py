@@ -1,4 +1,4 @@
-"""Tests of nnunetv2_cimis.synthesis.inversion (MOSInversion's mask-conditioned DeepInversion)."""
+"""Tests of nnunetv2_cimis.synthesis (MOSInversion's mask-conditioned DeepInversion, priors, masks, sets)."""
 import itertools
 import json
 import math
@@ -10,12 +10,14 @@ import torch
 import torch.nn as nn
 
 from nnunetv2_cimis.memory.step_memory import StepMemory
-from nnunetv2_cimis.synthesis.inversion import (FeatureStatisticsLoss, InversionConfig, MaskAugmentation,
-                                                NormInputRecorder, TotalVariationPrior, channel_statistics,
-                                                conditioning_masks, existing_volumes, find_norm_layers,
-                                                hard_dice_per_class, invert, load_synthetic_set,
-                                                neighbour_offsets, pool_statistics, sanitize_mask,
-                                                soft_dice_loss, synthesize_set, volume_name)
+from nnunetv2_cimis.networks.norm_statistics import (NormInputRecorder, channel_statistics, norm_layer_names,
+                                                     pool_statistics)
+from nnunetv2_cimis.synthesis.inversion import InversionConfig, hard_dice_per_class, invert
+from nnunetv2_cimis.synthesis.inversion import mask_dice_loss as soft_dice_loss
+from nnunetv2_cimis.synthesis.mask_augmentation import MaskAugmentation, conditioning_masks, sanitize_mask
+from nnunetv2_cimis.synthesis.priors import FeatureStatisticsLoss, TotalVariationPrior, neighbour_offsets
+from nnunetv2_cimis.synthesis.synthetic_sets import (existing_volumes, load_synthetic_set, synthesis_settings,
+                                                     synthesize_set, usable_set, volume_name)
 
 
 def tiny_net(out_channels=3, seed=0):
@@ -100,7 +102,7 @@ def test_feature_statistics_loss_errors():
 
 def test_norm_input_recorder_records_input_of_norm_layers():
     net = tiny_net()
-    names = find_norm_layers(net)
+    names = norm_layer_names(net)
     assert names == ["1", "4"]
     x = torch.randn(2, 1, 6, 6, 6)
     with NormInputRecorder(net) as rec:
@@ -324,6 +326,24 @@ def test_synthesize_set_resumable_and_reports(tmp_path):
         synthesize_set(net, mem, 1, out, 4, cfg, show_progress=False, manifest_extra={"teacher_fingerprint": "x"})
     with pytest.raises(ValueError, match="other settings"):
         synthesize_set(net, mem, 1, out, 4, InversionConfig(iterations=4), **quiet)
+    # the reuse key: teacher fingerprint, enough volumes, and (when given) the same synthesis settings
+    same = synthesis_settings(cfg, MaskAugmentation(), 0, 2)
+    assert usable_set(out, "abc", 5, same) and usable_set(out, "abc", 5)
+    assert not usable_set(out, "abc", 6, same) and not usable_set(out, "x", 1)
+    assert not usable_set(out, "abc", 1, synthesis_settings(InversionConfig(iterations=50), MaskAugmentation(), 0, 2))
+    assert not usable_set(out, "abc", 1, synthesis_settings(cfg, MaskAugmentation(p_flip=0), 0, 2))
+    assert not usable_set(out, "abc", 1, synthesis_settings(cfg, MaskAugmentation(), 1, 2))
+    assert not usable_set(out, "abc", 1, synthesis_settings(cfg, MaskAugmentation(), 0, 1))
+
+
+def test_synthesize_set_warns_when_stats_weight_is_zero(tmp_path):
+    net = tiny_net()
+    mem = make_memory(_target_stats(net), [m.numpy().astype(np.uint8) for m in cube_masks(1, 8)])
+    logged = []
+    with pytest.warns(UserWarning, match="stats_weight is 0"):
+        synthesize_set(net, mem, 1, str(tmp_path / "s"), 1, InversionConfig(iterations=1, stats_weight=0.0),
+                       show_progress=False, log=logged.append)
+    assert any("stats_weight is 0" in line for line in logged)
 
 
 def test_synthesize_set_needs_statistics_and_masks(tmp_path):

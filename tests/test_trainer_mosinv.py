@@ -201,7 +201,7 @@ def _log(folder):
 
 @pytest.mark.e2e
 def test_e2e_step1_synthesises_and_replays(mosinv_run):
-    from nnunetv2_cimis.synthesis.inversion import existing_volumes, load_synthetic_set, read_manifest
+    from nnunetv2_cimis.synthesis.synthetic_sets import existing_volumes, load_synthetic_set, read_manifest
 
     teacher_fold, fold1, _ = mosinv_run["folders"]
     syn = os.path.join(fold1, "mosinv_synthetic")
@@ -226,7 +226,7 @@ def test_e2e_step1_synthesises_and_replays(mosinv_run):
 
 @pytest.mark.e2e
 def test_e2e_step2_uses_masks_of_every_earlier_step(mosinv_run):
-    from nnunetv2_cimis.synthesis.inversion import read_manifest
+    from nnunetv2_cimis.synthesis.synthetic_sets import read_manifest
 
     _, fold1, fold2 = mosinv_run["folders"]
     manifest = read_manifest(os.path.join(fold2, "mosinv_synthetic"))

@@ -1,4 +1,6 @@
-"""Unconditional diffusion models for replay: train, save, load, sample, and a resumable sample cache.
+"""Unconditional diffusion models for replay: train, save, load, sample, a resumable sample cache, and the
+records that list a step's replay models in its step memory (:func:`replay_model_record`,
+:func:`resolve_replay_folder`).
 
 Glue around the ``diffusers`` library (``UNet2DModel``, ``DDPMScheduler`` for training, ``DDIMScheduler``
 for fast sampling); the model, noise schedule and sampler are the library's, not re-implemented here.
@@ -430,3 +432,39 @@ class SyntheticImageCache:
         if missing:
             raise CIMISError(f"{len(missing)} synthetic images are missing in {self.folder}; call ensure() first")
         return torch.from_numpy(np.stack([np.load(self.path(i)) for i in range(self.num_samples)]))
+
+
+# ------------------------------------------------------------------ records of replay models in a step memory
+def _results_folder() -> Optional[str]:
+    from nnunetv2.paths import nnUNet_results
+    return nnUNet_results.get() if nnUNet_results.is_set() else None
+
+
+def replay_model_record(folder: str, step: int) -> dict:
+    """A step-memory record of a saved replay model: the step, its absolute folder, and the folder relative to
+    ``nnUNet_results`` (None when it lies outside), so the record survives moving ``nnUNet_results``."""
+    folder = os.path.abspath(folder)
+    results = _results_folder()
+    rel = None
+    if results and os.path.commonpath([folder, os.path.abspath(results)]) == os.path.abspath(results):
+        rel = os.path.relpath(folder, results)
+    return {"step": int(step), "folder": folder, "relative_to_results": rel}
+
+
+def resolve_replay_folder(entry: dict) -> str:
+    """The folder of a recorded replay model (:func:`replay_model_record`): the absolute path, or the path
+    relative to the current ``nnUNet_results`` when the results were moved.
+
+    Raises:
+        CIMISError: neither exists (the message says how to train without replay).
+    """
+    if os.path.isdir(entry.get("folder", "")):
+        return entry["folder"]
+    results = _results_folder()
+    if results and entry.get("relative_to_results"):
+        p = os.path.join(results, entry["relative_to_results"])
+        if os.path.isdir(p):
+            return p
+    raise CIMISError(f"The diffusion model of step {entry.get('step')} is missing (recorded at {entry.get('folder')}, "
+                     f"relative to nnUNet_results: {entry.get('relative_to_results')}). Restore that folder, or set "
+                     f"the hyperparameter missing_replay_model to 'skip' to train without replay.")

@@ -10,27 +10,22 @@ the normalisation statistics and the conditioning masks. The set is written to `
 ``<model folder>/fold_<f>/mosinv_synthetic``, the place ``nnUNetTrainerMOSInv`` looks first); volumes already
 there are kept, so an interrupted run resumes. Per volume a report (``volume_XXXX.json``: teacher Dice
 against its mask per label, feature-statistics distance before and after) and for the set ``summary.json``.
-See ``docs/methods_mosinversion.md``.
+See ``docs/methods_mosinversion.md``. This module parses the command line; the library code is in
+:mod:`nnunetv2_cimis.synthesis.synthetic_sets` (sets on disk) and :mod:`nnunetv2_cimis.synthesis.inversion`.
 """
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Callable, Optional
 
 import torch
 
 from nnunetv2_cimis.cli import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
-from nnunetv2_cimis.synthesis.inversion import (InversionConfig, MaskAugmentation, file_fingerprint,
-                                                synthesize_set)
-
-DEFAULT_SUBFOLDER = "mosinv_synthetic"
-
-
-def default_output_folder(checkpoint_path: str) -> str:
-    """``<fold folder>/mosinv_synthetic``: next to the teacher checkpoint."""
-    return os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), DEFAULT_SUBFOLDER)
+from nnunetv2_cimis.synthesis.inversion import InversionConfig
+from nnunetv2_cimis.synthesis.mask_augmentation import MaskAugmentation
+from nnunetv2_cimis.synthesis.synthetic_sets import (DEFAULT_SUBFOLDER, default_output_folder,
+                                                     synthesize_from_teacher, write_summary)
 
 
 def num_input_channels_of(plans: dict, dataset_json: dict, configuration: str) -> int:
@@ -39,29 +34,6 @@ def num_input_channels_of(plans: dict, dataset_json: dict, configuration: str) -
 
     pm = PlansManager(plans)
     return determine_num_input_channels(pm, pm.get_configuration(configuration), dataset_json)
-
-
-def synthesize_from_teacher(checkpoint_path: str, network: torch.nn.Module, memory, num_input_channels: int,
-                            output_folder: str, num_volumes: int, config: InversionConfig, batch_size: int = 2,
-                            seed: int = 0, augmentation: Optional[MaskAugmentation] = None,
-                            device: Optional[torch.device] = None, show_progress: bool = True,
-                            log: Optional[Callable[[str], None]] = None):
-    """:func:`synthesize_set` for a teacher checkpoint: the set records the checkpoint's SHA-256, so a folder
-    made from another model is refused (CIMISError) instead of being silently reused."""
-    if memory.patch_size and memory.label_bank:
-        bank_shape = list(memory.label_bank[0].shape[-len(memory.patch_size):])
-        if bank_shape != list(memory.patch_size):
-            raise CIMISError(f"The step memory's label patches have shape {bank_shape} but its patch size is "
-                             f"{memory.patch_size}; recompute it with nnUNetv2_cimis_step_memory.")
-    extra = {"teacher_fingerprint": file_fingerprint(checkpoint_path),
-             "teacher_checkpoint": os.path.abspath(checkpoint_path)}
-    try:
-        return synthesize_set(network, memory, num_input_channels, output_folder, num_volumes, config,
-                              batch_size=batch_size, seed=seed, augmentation=augmentation,
-                              num_classes=max(memory.labels) + 1, manifest_extra=extra, device=device,
-                              show_progress=show_progress, log=log)
-    except ValueError as e:
-        raise CIMISError(f"Synthesis into {output_folder} failed: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=d.iterations, help=f"Adam steps (default {d.iterations})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
     p.add_argument("--lr-schedule", "--lr_schedule", choices=("poly", "constant"), default=d.lr_schedule,
-                   help=f"learning-rate schedule (default {d.lr_schedule})")
+                   help=f"learning-rate schedule (default {d.lr_schedule}, a choice; the first author's generator "
+                        f"uses constant)")
     p.add_argument("--dice-weight", "--dice_weight", type=float, default=d.dice_weight,
                    help=f"default {d.dice_weight}")
     p.add_argument("--stats-weight", "--stats_weight", type=float, default=d.stats_weight,
@@ -178,8 +151,6 @@ def main(argv=None) -> None:
     synthesize_from_teacher(ckpt, teacher.network, memory, n_in, output, args.num_volumes, config,
                             batch_size=args.batch_size, seed=args.seed, augmentation=aug, device=device,
                             show_progress=not args.no_progress, log=print)
-    from nnunetv2_cimis.synthesis.inversion import write_summary
-
     summary = write_summary(output)
     md, sd = summary["mean_dice"], summary["stats_distance"]
     print(f"{summary['num_volumes']} volumes in {output}; teacher Dice vs mask (mean over volumes) "

@@ -79,40 +79,12 @@ from nnunetv2_cimis.losses.deep_supervision import apply_over_scales, deep_super
 from nnunetv2_cimis.losses.mib import UnbiasedKnowledgeDistillation
 from nnunetv2_cimis.memory.step_memory import StepMemory
 from nnunetv2_cimis.synthesis.diffusion import (DiffusionConfig, SyntheticImageCache, crops_for_diffusion,
-                                                require_diffusers, save_diffusion_model, train_diffusion_model)
+                                                replay_model_record, require_diffusers, resolve_replay_folder,
+                                                save_diffusion_model, train_diffusion_model)
 from nnunetv2_cimis.training.incremental_trainer import StepContext, nnUNetTrainerIncremental
 
 MEMORY_KEY = "ddcl_diffusion_models"
 MISSING_REPLAY_CHOICES = ("error", "skip", "train_from_teacher_data")
-
-
-def _results_folder() -> Optional[str]:
-    from nnunetv2.paths import nnUNet_results
-    return nnUNet_results.get() if nnUNet_results.is_set() else None
-
-
-def _entry(folder: str, step: int) -> Dict[str, Any]:
-    """A step-memory record of a replay model: absolute folder, and the folder relative to nnUNet_results."""
-    folder = os.path.abspath(folder)
-    results = _results_folder()
-    rel = None
-    if results and os.path.commonpath([folder, os.path.abspath(results)]) == os.path.abspath(results):
-        rel = os.path.relpath(folder, results)
-    return {"step": int(step), "folder": folder, "relative_to_results": rel}
-
-
-def resolve_replay_folder(entry: Dict[str, Any]) -> str:
-    """The folder of a recorded replay model (absolute path, or relative to ``nnUNet_results`` if moved)."""
-    if os.path.isdir(entry.get("folder", "")):
-        return entry["folder"]
-    results = _results_folder()
-    if results and entry.get("relative_to_results"):
-        p = os.path.join(results, entry["relative_to_results"])
-        if os.path.isdir(p):
-            return p
-    raise CIMISError(f"The diffusion model of step {entry.get('step')} is missing (recorded at {entry.get('folder')}, "
-                     f"relative to nnUNet_results: {entry.get('relative_to_results')}). Restore that folder, or set "
-                     f"the hyperparameter missing_replay_model to 'skip' to train without replay.")
 
 
 def _last_conv_channels(module: nn.Module) -> int:
@@ -273,7 +245,7 @@ class nnUNetTrainerDDCL(nnUNetTrainerIncremental):
         out = os.path.join(self.output_folder, f"diffusion_model_step{self.step.index - 1}")
         self.print_to_log_file(f"DDCL: training the teacher step's diffusion model from {folder}")
         self._train_and_save_replay_model(dataset_class(folder, keys), keys, out, self.step.index - 1, teacher_dataset)
-        return _entry(out, self.step.index - 1)
+        return replay_model_record(out, self.step.index - 1)
 
     def _train_and_save_replay_model(self, dataset, keys, out_folder, step, dataset_name) -> str:
         images = diffusion_training_images(dataset, keys, self.configuration_manager.patch_size,
@@ -388,4 +360,4 @@ class nnUNetTrainerDDCL(nnUNetTrainerIncremental):
         out = os.path.join(self.output_folder, "diffusion_model")
         self._train_and_save_replay_model(dataset, tr_keys, out, self.step.index, self.plans_manager.dataset_name)
         entries = [e for e in self.replay_models if e.get("step") != self.step.index]
-        memory.extra[MEMORY_KEY] = entries + [_entry(out, self.step.index)]
+        memory.extra[MEMORY_KEY] = entries + [replay_model_record(out, self.step.index)]

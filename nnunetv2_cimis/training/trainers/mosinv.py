@@ -60,27 +60,23 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from nnunetv2_cimis.errors import CIMISError, exit_on_user_error
+from nnunetv2_cimis.losses.common import resize_labels_like
 from nnunetv2_cimis.losses.deep_supervision import apply_over_scales, deep_supervision_weights
 from nnunetv2_cimis.losses.lwf import LwFDistillationLoss
 from nnunetv2_cimis.losses.mib import UnbiasedDiceCELoss
 from nnunetv2_cimis.memory.step_memory import StepMemory
-from nnunetv2_cimis.synthesis.inversion import (InversionConfig, MaskAugmentation, conditioning_masks,
-                                                existing_volumes, file_fingerprint, load_synthetic_set,
-                                                read_manifest)
-from nnunetv2_cimis.synthesis.inversion_cli import DEFAULT_SUBFOLDER, synthesize_from_teacher
+from nnunetv2_cimis.synthesis.inversion import InversionConfig
+from nnunetv2_cimis.synthesis.mask_augmentation import MaskAugmentation, conditioning_masks
+from nnunetv2_cimis.synthesis.synthetic_sets import (DEFAULT_SUBFOLDER, existing_volumes, file_fingerprint,
+                                                     load_synthetic_set, synthesis_settings,
+                                                     synthesize_from_teacher, usable_set)
 from nnunetv2_cimis.training.incremental_trainer import StepContext, nnUNetTrainerIncremental
 
 
-def downsample_labels_like(labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Nearest-neighbour (``nearest-exact``, nnU-Net's deep-supervision rule) resize of ``(B, 1, ...)``
-    labels to the spatial size of ``like`` ``(B', C, ...)``, in ``like``'s dtype."""
-    size = tuple(like.shape[2:])
-    if tuple(labels.shape[2:]) == size:
-        return labels.to(like.dtype)
-    return F.interpolate(labels.float(), size=size, mode="nearest-exact").to(like.dtype)
+#: the resize of the synthetic labels to each deep-supervision scale (the package's one label resize)
+downsample_labels_like = resize_labels_like
 
 
 class nnUNetTrainerMOSInv(nnUNetTrainerIncremental):
@@ -135,18 +131,13 @@ class nnUNetTrainerMOSInv(nnUNetTrainerIncremental):
         except ValueError as e:
             raise CIMISError(f"MOSInversion hyperparameters: {e}") from None
 
-    def _usable_set(self, folder: str, fingerprint: str, min_volumes: int) -> bool:
-        manifest = read_manifest(folder)
-        return (manifest is not None and manifest.get("teacher_fingerprint") == fingerprint
-                and len(existing_volumes(folder)) >= min_volumes)
-
     def _find_or_make_synthetic_set(self) -> str:
         ckpt = self.teacher_info.checkpoint_path
         fingerprint = file_fingerprint(ckpt)
         n = int(self.hp["num_synthetic"])
         explicit = str(self.hp["synthetic_folder"]).strip()
         if explicit:
-            if not self._usable_set(explicit, fingerprint, 1):
+            if not usable_set(explicit, fingerprint, 1):  # a set chosen by the user: its settings are its own
                 raise CIMISError(f"synthetic_folder={explicit} holds no synthetic set of the teacher {ckpt}. "
                                  f"Make one with `nnUNetv2_cimis_synthesize -m {self.teacher_info.model_folder} "
                                  f"-f {self.fold} -o {explicit}` or leave synthetic_folder empty.")
@@ -155,12 +146,14 @@ class nnUNetTrainerMOSInv(nnUNetTrainerIncremental):
         candidates = [os.path.join(os.path.dirname(ckpt), DEFAULT_SUBFOLDER), own]
         if self.synthetic_folder:  # from the checkpoint (--c)
             candidates.insert(0, self.synthetic_folder)
-        for folder in candidates:
-            if self._usable_set(folder, fingerprint, n):
-                self.print_to_log_file(f"MOSInversion: reusing the synthetic set {folder}")
-                return folder
         aug = MaskAugmentation() if self.hp["mask_augmentation"] else \
             MaskAugmentation(p_flip=0, p_elastic=0, p_rotation=0, p_scale=0)
+        settings = synthesis_settings(self.inversion_config(), aug, int(self.hp["synthesis_seed"]),
+                                      int(self.hp["inversion_batch_size"]))
+        for folder in candidates:  # reused only when made from this teacher with these settings
+            if usable_set(folder, fingerprint, n, settings):
+                self.print_to_log_file(f"MOSInversion: reusing the synthetic set {folder}")
+                return folder
         self.print_to_log_file(f"MOSInversion: synthesising {n} volumes into {own}")
         synthesize_from_teacher(ckpt, self.teacher, self.teacher_memory, self.num_input_channels, own, n,
                                 self.inversion_config(), batch_size=int(self.hp["inversion_batch_size"]),
