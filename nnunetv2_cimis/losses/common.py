@@ -96,6 +96,21 @@ def check_logits(name: str, x: torch.Tensor, min_channels: int = 1) -> None:
         raise ValueError(f"{name} needs at least {min_channels} channels, got shape {tuple(x.shape)}")
 
 
+def check_positive(name: str, value) -> float:
+    """Return ``value`` as a float; ``ValueError`` unless it is a (non-bool) number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def check_student_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    """The shape checks of every distillation loss: both ``(B, C, ...)`` logits (:func:`check_logits`) with the
+    same batch and spatial sizes (:func:`check_same_spatial`)."""
+    check_logits("student_logits", student_logits)
+    check_logits("teacher_logits", teacher_logits)
+    check_same_spatial("student_logits", student_logits, "teacher_logits", teacher_logits)
+
+
 def check_same_spatial(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     """Raise ``ValueError`` unless batch and spatial sizes of ``a`` and ``b`` agree (channels may differ)."""
     if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:

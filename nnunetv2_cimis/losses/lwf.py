@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nnunetv2_cimis.losses.common import check_logits, check_same_spatial
+from nnunetv2_cimis.losses.common import check_positive, check_student_teacher
 
 
 class LwFDistillationLoss(nn.Module):
@@ -40,14 +40,10 @@ class LwFDistillationLoss(nn.Module):
 
     def __init__(self, alpha: float = 1.0):
         super().__init__()
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = check_positive("alpha", alpha)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        check_logits("student_logits", student_logits)
-        check_logits("teacher_logits", teacher_logits)
-        check_same_spatial("student_logits", student_logits, "teacher_logits", teacher_logits)
+        check_student_teacher(student_logits, teacher_logits)
         n_old = teacher_logits.shape[1]
         if n_old > student_logits.shape[1]:
             raise ValueError(f"the teacher has {n_old} channels but the student only {student_logits.shape[1]} "

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_cimis.losses.common import (check_label_range, check_logits, check_same_spatial, labels_to_index,
-                                          merge_new_into_background, merge_old_into_background)
+from nnunetv2_cimis.losses.common import (check_label_range, check_logits, check_positive, check_student_teacher,
+                                          labels_to_index, merge_new_into_background, merge_old_into_background)
 from nnunetv2_cimis.losses.dice import soft_dice_loss
 
 __all__ = ["UnbiasedCrossEntropy", "UnbiasedKnowledgeDistillation", "UnbiasedDiceCELoss"]
@@ -136,14 +136,10 @@ class UnbiasedKnowledgeDistillation(nn.Module):
     def __init__(self, n_old: int, alpha: float = 1.0):
         super().__init__()
         self.n_old = _check_n_old(n_old)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = check_positive("alpha", alpha)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        check_logits("student_logits", student_logits)
-        check_logits("teacher_logits", teacher_logits)
-        check_same_spatial("student_logits", student_logits, "teacher_logits", teacher_logits)
+        check_student_teacher(student_logits, teacher_logits)
         if teacher_logits.shape[1] != self.n_old:
             raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} must have n_old={self.n_old} channels")
         if student_logits.shape[1] < self.n_old:

@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nnunetv2_cimis.losses.common import check_logits, check_same_spatial, merge_new_into_background
+from nnunetv2_cimis.losses.common import check_logits, check_student_teacher, merge_new_into_background
 
 WEIGHTINGS = ("softmax", "sigmoid", "uniform")
 DIVERGENCES = ("binary", "categorical")
@@ -146,9 +146,7 @@ class PrototypeGuidedCalibrationDistillation(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        check_logits("student_logits", student_logits)
-        check_logits("teacher_logits", teacher_logits)
-        check_same_spatial("student_logits", student_logits, "teacher_logits", teacher_logits)
+        check_student_teacher(student_logits, teacher_logits)
         n_old = teacher_logits.shape[1]
         if n_old > student_logits.shape[1]:
             raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} has more channels than student_logits "

@@ -25,7 +25,8 @@ every voxel when an axis is not divisible by the number of regions (PLOP drops t
 normalised entropy is ``H(q) / log(n_old)`` in ``[0, 1]`` (PLOP's code divides the per-class *mean* of
 ``-q log q`` by ``log(n_old)`` and again by ``log(n_total)``; thresholds are medians, so only the floor's
 meaning changes); the histogram median is interpolated inside the median bin without the running-sum slip
-of PLOP's ``find_median``; an image without any label-0 voxel gets weight 1 (PLOP: 0/0).
+of PLOP's ``find_median``; an image without any label-0 voxel gets weight 1 (PLOP's current code,
+``num / (den + 1e-6)``, gives it weight 0; an early version divided 0 by 0).
 """
 from __future__ import annotations
 
