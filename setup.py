@@ -39,6 +39,8 @@ setup(
         "matplotlib",
         "tqdm",
         "Pillow",
+        # NSD and HD95 of nnUNetv2_cimis_evaluate --predictions (monai.metrics); needs only numpy and torch
+        "monai",
     ],
     extras_require={
         # the diffusion replay of nnUNetTrainerDDCL (2D laparoscopy): pip install "nnunetv2-cimis[ddcl]"
@@ -53,6 +55,8 @@ setup(
             "nnUNetv2_cimis_add_classes = nnunetv2_cimis.scenarios.add_classes:main",
             "nnUNetv2_cimis_step_memory = nnunetv2_cimis.memory.cli:main",
             "nnUNetv2_cimis_evaluate = nnunetv2_cimis.evaluation.evaluate:main",
+            "nnUNetv2_cimis_predict = nnunetv2_cimis.submission.predict:main",
+            "nnUNetv2_cimis_export = nnunetv2_cimis.submission.export:main",
             "nnUNetv2_cimis_phantom = nnunetv2_cimis.phantom.cli:main",
             "nnUNetv2_cimis_demo = nnunetv2_cimis.demo:main",
             "nnUNetv2_cimis_synthesize = nnunetv2_cimis.synthesis.inversion_cli:main",

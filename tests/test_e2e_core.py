@@ -104,7 +104,7 @@ def test_incremental_step_train_resume_predict_evaluate(tiny_scenario, tmp_path)
     # continual evaluation through nnU-Net's predictor and evaluation
     from nnunetv2_cimis.evaluation.evaluate import evaluate_scenario
     result = evaluate_scenario(steps[1], CONFIGURATION, PLANS, 0, ["nnUNetTrainerFT"], str(tmp_path / "eval"),
-                               joint_trainer=None, num_processes=0)
+                               joint_trainer=None, num_processes=0, use_mirroring=False)
     for name in ("scores.csv", "summary.json", "report.md", "dice_per_class.png"):
         assert os.path.isfile(tmp_path / "eval" / name)
     assert "nnUNetTrainerFT" in result["markdown"]

@@ -159,7 +159,7 @@ def test_evaluate_tiny_scenario_end_to_end(tiny_scenario, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         a = ev.evaluate_scenario(steps[2], CONFIGURATION, TINY_PLANS, 0, ["nnUNetTrainerFT"], str(tmp_path / "a"),
-                                 num_processes=0)
+                                 num_processes=0, use_mirroring=False)
     assert a["evaluated"]["nnUNetTrainerJoint"] == [0, 1, 2]
     assert a["evaluated"]["nnUNetTrainerFT"][:2] == [0, 1]
     if step2_missing:
@@ -174,7 +174,45 @@ def test_evaluate_tiny_scenario_end_to_end(tiny_scenario, tmp_path):
     assert len([f for f in os.listdir(pred_dir) if f.endswith(".nii.gz")]) == len(a["test_cases"])
     # the command, with worker processes: same scores
     ev.main(["-d", steps[0], "-c", CONFIGURATION, "-p", TINY_PLANS, "-f", "0", "-tr", "nnUNetTrainerFT",
-             "-o", str(tmp_path / "b"), "-np", "1"])
+             "-o", str(tmp_path / "b"), "-np", "1", "--disable_tta"])
     b = json.load(open(tmp_path / "b" / "summary.json"))
     assert b["per_class_dice"] == a["per_class_dice"]
     assert b["bwt"] == a["bwt"]
+
+
+def test_score_existing_predictions(scenario, tmp_path):
+    """--predictions: a folder is scored as it is (nothing predicted), on the classes of the step of -d, with Dice,
+    IoU, NSD and HD95; predictions written in source values (nnUNetv2_cimis_predict --labels source) score the same
+    after mapping back."""
+    raw, res, summary = scenario
+    step0, step1 = summary["step_datasets"]
+    test_set = ev.load_test_set(os.path.join(raw, step0, "test_set.json"))
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    for case, entry in test_set["cases"].items():
+        ref = sitk.ReadImage(entry["label"])
+        arr = sitk.GetArrayFromImage(ref)
+        arr[arr == 2] = 0  # the spleen is missed everywhere
+        img = sitk.GetImageFromArray(arr)
+        img.CopyInformation(ref)
+        sitk.WriteImage(img, str(pred_dir / f"{case}.nii.gz"))
+    result = ev.score_predictions("951", str(pred_dir), str(tmp_path / "scores"), nsd_tolerance=["1", "liver=3"])
+    assert result["step"] == 0 and set(result["mean"]) == {1, 2}  # step 0 learned liver and spleen only
+    liver, spleen = result["mean"][1], result["mean"][2]
+    assert liver["Dice"] == 1.0 and liver["NSD"] == 1.0 and liver["HD95"] == 0.0
+    assert spleen["Dice"] == 0.0 and spleen["NSD"] == 0.0 and math.isnan(spleen["HD95"])
+    assert result["nsd_tolerance_mm"] == {"1": 3.0, "2": 1.0}
+    written = json.load(open(tmp_path / "scores" / "summary.json"))
+    assert written["mean"]["2"]["HD95"] is None and written["foreground_mean"]["Dice"] == 0.5
+    assert "| spleen | 1 | 0.000 | 0.000 | 0.000 | n/a |" in result["markdown"]
+    # the same folder in source values (here the phantom's order equals the scenario's) through the command
+    from nnunetv2_cimis.submission.predict import predict_submission
+    predict_submission(str(pred_dir), str(tmp_path / "src"), os.path.join(raw, step1), labels="source",
+                       segmentations=True)
+    ev.main(["-d", step1, "--predictions", str(tmp_path / "src"), "--labels", "source"])
+    by_source = json.load(open(tmp_path / "src" / "summary.json"))
+    assert by_source["step"] == 1 and by_source["mean"]["1"]["Dice"] == 1.0 and by_source["mean"]["3"]["Dice"] == 1.0
+    # a test case without prediction is named
+    os.remove(pred_dir / f"{sorted(test_set['cases'])[0]}.nii.gz")
+    with pytest.raises(CIMISError, match="no prediction"):
+        ev.score_predictions("951", str(pred_dir))

@@ -17,10 +17,18 @@ A model is scored on the classes learned up to its step (a class it does not pre
 reference has it). Predictions go to ``<output>/predictions/<dataset>__<trainer>/`` and nnU-Net's
 summary of each model to ``<output>/predictions/<dataset>__<trainer>/summary.json``.
 
+Test-time mirroring is on, as in ``nnUNetv2_predict`` (``--disable_tta`` turns it off).
+
+``--predictions DIR`` scores an existing folder instead (an ensemble, a post-processed set, the output of
+``nnUNetv2_cimis_predict``): nothing is predicted; every test case's ``CASE<ending>`` in DIR is scored on the
+classes learned up to the step of ``-d`` with Dice and IoU (nnU-Net's ``compute_tp_fp_fn_tn``), NSD at a
+per-class tolerance in mm and HD95 (MONAI, :mod:`nnunetv2_cimis.evaluation.surface`).
+
 Example::
 
     nnUNetv2_cimis_evaluate -d 901 -c 3d_fullres -p nnUNetPlans -f 0 -tr nnUNetTrainerFT nnUNetTrainerMiB \\
         -o eval_out
+    nnUNetv2_cimis_evaluate -d 902 --predictions ensemble_out --labels source --nsd-tolerance 2 liver=5
 """
 from __future__ import annotations
 
@@ -91,7 +99,7 @@ def load_test_set(path: str, step0_folder: Optional[str] = None) -> dict:
 
 
 def predict_cases(model_dir: str, fold: Union[int, str], images: List[List[str]], output_truncated: List[str],
-                  use_mirroring: bool = False, device=None, num_processes: int = 1,
+                  use_mirroring: bool = True, device=None, num_processes: int = 1,
                   checkpoint_name: str = "checkpoint_final.pth") -> None:
     """Predict ``images`` (one list of channel files per case) with nnU-Net's predictor, in-process.
 
@@ -187,7 +195,7 @@ def _parse_fold(fold) -> Union[int, str]:
 
 def evaluate_scenario(dataset: Union[int, str], configuration: str, plans: str, fold: Union[int, str],
                       trainers: Sequence[str], output_dir: str, joint_trainer: Optional[str] = DEFAULT_JOINT_TRAINER,
-                      use_mirroring: bool = False, device=None, num_processes: int = 1,
+                      use_mirroring: bool = True, device=None, num_processes: int = 1,
                       checkpoint_name: str = "checkpoint_final.pth", print_table: bool = False,
                       joint_bound: float = JOINT_BOUND, ft_new_bound: float = FT_NEW_BOUND) -> dict:
     """Predict the scenario's test set with every (trainer, step) model, score, and write the report.
@@ -199,7 +207,8 @@ def evaluate_scenario(dataset: Union[int, str], configuration: str, plans: str, 
         output_dir: where predictions, ``scores.csv``, ``summary.json``, ``report.md`` and
             ``dice_per_class.png`` go (created).
         joint_trainer: trainer of the joint model on the scenario's joint dataset; None to leave it out.
-        use_mirroring: test-time mirroring (off by default: faster).
+        use_mirroring: test-time mirroring (on by default, as nnU-Net's predictor; False: one network pass
+            per window instead of 8 in 3D).
         device: ``torch.device``; default CUDA when available, else CPU.
         num_processes: worker processes of prediction and scoring; 0 = everything in this process
             (``predict_from_files_sequential`` and nnU-Net's per-case ``compute_metrics``): no worker start-up,
@@ -341,6 +350,143 @@ def evaluate_scenario(dataset: Union[int, str], configuration: str, plans: str, 
     return out
 
 
+SURFACE_METRICS = ("Dice", "IoU", "NSD", "HD95")
+
+
+def score_predictions(dataset: Union[int, str], predictions: str, output_dir: Optional[str] = None,
+                      labels: str = "global", nsd_tolerance: Sequence[str] = (), step: Optional[int] = None,
+                      print_table: bool = False) -> dict:
+    """Score an existing prediction folder against the scenario's test set, without predicting.
+
+    Args:
+        dataset: id or name of a step dataset of the scenario; its step (or ``step``) says which classes are
+            scored: those learned up to that step, on the cases that annotate them.
+        predictions: folder with ``CASE<file_ending>`` for every test case.
+        output_dir: where ``summary.json`` and ``scores.csv`` go (default: ``predictions``).
+        labels: the values the predictions hold: ``"global"`` (the scenario's, as nnU-Net predicts them),
+            ``"source"`` or a challenge name (as ``nnUNetv2_cimis_predict --labels`` writes them); mapped back
+            to the scenario's values before scoring.
+        nsd_tolerance: ``--nsd-tolerance`` items (:func:`nnunetv2_cimis.evaluation.surface.parse_tolerances`).
+
+    Returns:
+        The content of ``summary.json``: ``metric_per_case`` (case, reference_file, prediction_file, metrics:
+        class value -> Dice, IoU, NSD, HD95, n_ref, n_pred), ``mean`` (class value -> metric means over the cases,
+        NaN left out), ``foreground_mean``, ``nsd_tolerance_mm``, ``labels``, ``step``, ``markdown``.
+
+    Raises:
+        CIMISError: no step metadata or test set, a test case without prediction, predictions with values the
+        mapping does not know.
+    """
+    import numpy as np
+    from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
+
+    from nnunetv2_cimis.evaluation.surface import parse_tolerances, surface_metrics
+    from nnunetv2_cimis.safe_load import load_json_object
+    from nnunetv2_cimis.scenarios.datasets import SegmentationIO, dataset_name, require_env
+    from nnunetv2_cimis.submission.labels import apply_mapping, label_mapping
+
+    raw_root = require_env("nnUNet_raw")
+    name = dataset_name(dataset)
+    info = _step_info(raw_root, name)
+    if not info.test_set:
+        raise CIMISError(f"{name}: the step metadata names no test set; recreate the scenario with a test fraction")
+    if not os.path.isdir(predictions):
+        raise CIMISError(f"--predictions {predictions} is not a folder")
+    step = info.index if step is None else int(step)
+    if not 0 <= step < info.num_steps:
+        raise CIMISError(f"--step {step} is not a step of the scenario (0..{info.num_steps - 1})")
+    test_set = load_test_set(info.test_set, os.path.join(raw_root, info.step_datasets[0]))
+    file_ending = test_set["file_ending"]
+    names = {int(v): n for n, v in test_set["labels"].items() if int(v) != 0}
+    known = [c for s in info.classes_per_step[:step + 1] for c in s]
+    # the values the predictions hold -> the scenario's values (from the last step's dataset.json: every class)
+    last_json = load_json_object(os.path.join(raw_root, info.step_datasets[-1], "dataset.json"),
+                                 f"dataset.json of {info.step_datasets[-1]}")
+    to_target, notes = label_mapping(last_json, labels, info.step_datasets[-1])
+    back = {t: g for g, t in to_target.items() if t != 0}
+    tolerances = parse_tolerances(nsd_tolerance, {c: names[c] for c in known})
+    cases = sorted(test_set["cases"])
+    missing = [c for c in cases if not os.path.isfile(os.path.join(predictions, c + file_ending))]
+    if missing:
+        raise CIMISError(f"{len(missing)} test case(s) have no prediction in {predictions}: "
+                         f"{', '.join(c + file_ending for c in missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    io = SegmentationIO({"file_ending": file_ending}, test_set["cases"][cases[0]]["label"])
+    per_case = []
+    for case in cases:
+        entry = test_set["cases"][case]
+        ref, props = io.read(entry["label"])
+        pred_file = os.path.join(predictions, case + file_ending)
+        pred, _ = io.read(pred_file)
+        unknown = sorted(set(np.unique(pred).tolist()) - set(back) - {0})
+        if unknown:
+            raise CIMISError(f"{pred_file} holds values {unknown} that --labels {labels} does not have; is it the "
+                             f"right --labels?")
+        pred = apply_mapping(pred, back)
+        if pred.shape != ref.shape:
+            raise CIMISError(f"{pred_file} has shape {pred.shape}, its reference {ref.shape}")
+        annotated = [c for c in known if c in set(entry.get("annotated_labels", known))]
+        surface = surface_metrics(ref, pred, annotated, tolerances, props["spacing"])
+        metrics = {}
+        for c in annotated:
+            tp, fp, fn, _ = compute_tp_fp_fn_tn(ref == c, pred == c)
+            denom = 2 * tp + fp + fn
+            metrics[c] = {"Dice": float(2 * tp / denom) if denom else float("nan"),
+                          "IoU": float(tp / (tp + fp + fn)) if denom else float("nan"),
+                          **surface[c], "n_ref": int(tp + fn), "n_pred": int(tp + fp)}
+        per_case.append({"case": case, "reference_file": entry["label"], "prediction_file": pred_file,
+                         "metrics": metrics})
+    mean = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class NaN in every case: mean NaN
+        for c in known:
+            rows = [r["metrics"][c] for r in per_case if c in r["metrics"]]
+            mean[c] = {m: float(np.nanmean([r[m] for r in rows])) if rows else float("nan") for m in SURFACE_METRICS}
+        foreground = {m: float(np.nanmean([mean[c][m] for c in known])) for m in SURFACE_METRICS}
+
+    def fmt(x: float, digits: int = 3) -> str:
+        return "n/a" if x != x else f"{x:.{digits}f}"
+
+    lines = [f"| class | tolerance (mm) | Dice | IoU | NSD | HD95 (mm) |", "|---|---|---|---|---|---|"]
+    for c in known:
+        m = mean[c]
+        lines.append(f"| {names[c]} | {tolerances[c]:g} | {fmt(m['Dice'])} | {fmt(m['IoU'])} | {fmt(m['NSD'])} | "
+                     f"{fmt(m['HD95'], 2)} |")
+    lines.append(f"| mean | | {fmt(foreground['Dice'])} | {fmt(foreground['IoU'])} | {fmt(foreground['NSD'])} | "
+                 f"{fmt(foreground['HD95'], 2)} |")
+    md = "\n".join(lines)
+    out_dir = output_dir or predictions
+    os.makedirs(out_dir, exist_ok=True)
+    result = {"dataset": name, "step": step, "predictions": os.path.abspath(predictions), "labels": labels,
+              "label_names": {str(c): names[c] for c in known}, "test_cases": cases,
+              "nsd_tolerance_mm": {str(c): tolerances[c] for c in known}, "notes": notes,
+              "metric_per_case": per_case, "mean": mean, "foreground_mean": foreground}
+    from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+    recursive_fix_for_json_export(result)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(_nan_to_none(result), f, indent=2)
+    with open(os.path.join(out_dir, "scores.csv"), "w") as f:
+        f.write("case,class,metric,value\n")
+        for r in per_case:
+            for c, m in r["metrics"].items():
+                for k in SURFACE_METRICS:
+                    f.write(f"{r['case']},{names[int(c)]},{k},{'' if m[k] != m[k] else m[k]}\n")
+    if print_table:
+        print(md)
+    result["markdown"] = md
+    return result
+
+
+def _nan_to_none(obj):
+    """JSON has no NaN: written as null."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nnUNetv2_cimis_evaluate",
                                 description="Continual evaluation of class-incremental models: predict the "
@@ -357,8 +503,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"trainer of the joint model (upper bound) on the joint dataset (default "
                         f"{DEFAULT_JOINT_TRAINER})")
     p.add_argument("--no-joint", action="store_true", help="do not evaluate the joint model")
-    p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--mirroring", action="store_true", help="use test-time mirroring (slower)")
+    p.add_argument("-o", "--output", default=None,
+                   help="output folder (required unless --predictions; then default: the predictions folder)")
+    p.add_argument("--disable_tta", "--disable-tta", action="store_true",
+                   help="no test-time mirroring (one network pass per window instead of 8 in 3D; mirroring is on "
+                        "by default, as in nnUNetv2_predict)")
+    p.add_argument("--mirroring", action="store_true", help=argparse.SUPPRESS)  # the default now; old scripts
+    p.add_argument("--predictions", default=None,
+                   help="score this existing folder of predictions (CASE.nii.gz per test case) instead of "
+                        "predicting: Dice, IoU, NSD and HD95 on the classes learned up to the step of -d")
+    p.add_argument("--labels", default="global",
+                   help="with --predictions: the label values the predictions hold: global (default, as nnU-Net "
+                        "predicts), source or a challenge name (as nnUNetv2_cimis_predict --labels writes them)")
+    p.add_argument("--nsd-tolerance", nargs="+", default=[],
+                   help="with --predictions: NSD tolerance in mm, one number for every class and/or CLASS=MM per "
+                        "class (default 2 mm)")
+    p.add_argument("--step", type=int, default=None,
+                   help="with --predictions: score the classes learned up to this step (default: the step of -d)")
     p.add_argument("-device", "--device", default=None, choices=["cuda", "cpu", "mps"],
                    help="device (default cuda when available, else cpu)")
     p.add_argument("-np", "--num-processes", type=int, default=1,
@@ -380,7 +541,10 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> None:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.output is None and a.predictions is None:
+        p.error("the following arguments are required: -o/--output")
     # a command shows each warning once, as one plain line (not also Python's "file:line: UserWarning" form)
     previous = warnings.showwarning
     warnings.showwarning = _print_warning
@@ -391,12 +555,18 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 def _run(a: argparse.Namespace) -> None:
+    if a.predictions is not None:
+        result = score_predictions(a.dataset, a.predictions, a.output, a.labels, a.nsd_tolerance, a.step,
+                                   print_table=True)
+        out = a.output or a.predictions
+        print(f"scored {len(result['test_cases'])} case(s); wrote {os.path.join(out, 'summary.json')} and scores.csv")
+        return
     device = None
     if a.device is not None:
         import torch
         device = torch.device(a.device)
     evaluate_scenario(a.dataset, a.configuration, a.plans, a.fold, a.trainers, a.output,
-                      joint_trainer=None if a.no_joint else a.joint_trainer, use_mirroring=a.mirroring,
+                      joint_trainer=None if a.no_joint else a.joint_trainer, use_mirroring=not a.disable_tta,
                       device=device, num_processes=a.num_processes, checkpoint_name=a.checkpoint, print_table=True,
                       joint_bound=a.joint_bound, ft_new_bound=a.ft_bound)
     print(f"wrote {os.path.join(a.output, 'report.md')}, scores.csv, summary.json and dice_per_class.png")

@@ -143,6 +143,11 @@ def add_classes(model_folder: str, new_dataset: str, output_id: int, fold: str =
                "checkpoint": ckpt}
     meta = make_metadata(scenario, index, classes_per_step, teacher, [], None, None, plans["dataset_name"])
     meta["source_dataset"] = src_name
+    # where each class came from (nnUNetv2_cimis_predict --labels source): the model's record, else its own values
+    prev_sources = (model_json.get(METADATA_KEY) or {}).get("source_labels") or \
+        {str(v): {"dataset": plans["dataset_name"], "name": n, "value": v} for n, v in old_labels.items() if v != 0}
+    meta["source_labels"] = dict(prev_sources, **{str(v): {"dataset": src_name, "name": c, "value": src_labels[c]}
+                                                  for c, v in new_values.items()})
     meta["teacher_model_folder"] = model_folder
     meta["created_by"] = ADDED_BY
 

@@ -292,6 +292,9 @@ def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Opti
     # per source, the classes it annotates in the scenario (joint dataset and test set)
     source_mapping = {k: {src.labels[c]: global_value[g] for sk, pairs in steps if sk == k for c, g in pairs}
                       for k, src in enumerate(sources)}
+    # per global value, where it came from (nnUNetv2_cimis_predict --labels source maps predictions back)
+    source_labels = {str(global_value[g]): {"dataset": sources[k].name, "name": c, "value": sources[k].labels[c]}
+                     for k, pairs in steps for c, g in pairs}
 
     def entries(k: int, case_ids: Sequence[str]) -> Dict[str, dict]:
         return {sources[k].prefix + c: sources[k].cases[c] for c in case_ids}
@@ -318,6 +321,7 @@ def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Opti
                                  test_json_path, names[0])
             meta["class_names_per_step"] = groups
             meta["source_dataset"] = src.name
+            meta["source_labels"] = source_labels
             folder = os.path.join(raw_root, names[t])
             claim(folder)
             write_label_dataset(folder, src.json, entries(k, subset), labels,
@@ -327,7 +331,7 @@ def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Opti
         claim(folder)
         _write_joint(folder, sources, steps, subsets, label_values_all, source_mapping,
                      {"scenario": scenario_label(scenario, groups), "step_datasets": names,
-                      "source_datasets": [s.name for s in sources]})
+                      "source_datasets": [s.name for s in sources], "source_labels": source_labels})
         _write_test_set(step0_folder, sources, test_cases, label_values_all, source_mapping)
         if preprocess:
             pre = require_env("nnUNet_preprocessed")
