@@ -213,9 +213,9 @@ def nnunet_fold_folders(trainer_name: str, plans: Mapping[str, Any], configurati
 def move_to_variant_folder(trainer, folder_trainer_name: str, created: list) -> None:
     """Point a just-built nnU-Net trainer at ``<folder_trainer_name>__<plans>__<configuration>/fold_x``.
 
-    nnU-Net's ``__init__`` has already made (empty) folders under the class name: those listed in ``created``
-    (the ones that did not exist before) are removed again if still empty. The logger is rebuilt on the new
-    folder; nothing has been logged yet at that point.
+    nnU-Net's ``__init__`` has already made folders under the class name and started this run's log file there
+    (its citation banner): the log file moves to the new folder, and the folders listed in ``created`` (those
+    that did not exist before) are removed again if empty. The logger is rebuilt on the new folder.
     """
     if trainer.output_folder_base is None or folder_trainer_name == type(trainer).__name__:
         return
@@ -225,7 +225,10 @@ def move_to_variant_folder(trainer, folder_trainer_name: str, created: list) -> 
         f"{folder_trainer_name}__{trainer.plans_manager.plans_name}__{trainer.configuration_name}")
     trainer.output_folder = os.path.join(trainer.output_folder_base, f"fold_{trainer.fold}")
     os.makedirs(trainer.output_folder, exist_ok=True)
-    trainer.log_file = os.path.join(trainer.output_folder, os.path.basename(trainer.log_file))
+    old_log = trainer.log_file
+    trainer.log_file = os.path.join(trainer.output_folder, os.path.basename(old_log))
+    if os.path.isfile(old_log):  # nnU-Net's __init__ has already logged its banner there
+        os.replace(old_log, trainer.log_file)
     trainer.logger = MetaLogger(trainer.output_folder, trainer.logger.resume)
     trainer.logger.update_config({"plans": trainer.plans_manager.plans, "configuration": trainer.configuration_name,
                                   "fold": trainer.fold, "dataset": trainer.dataset_json})

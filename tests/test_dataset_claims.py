@@ -39,7 +39,8 @@ def test_phantoms_check_every_nnunet_folder(roots, monkeypatch, capsys):
         write_laparoscopic_phantom(str(roots / "raw"), 905, 1, shape=(16, 16))
     with pytest.raises(SystemExit):
         phantom_main(["-d", "905", "-n", "1"])
-    assert "already used in $nnUNet_preprocessed: Dataset905_Other; choose another id with -d" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already used in $nnUNet_preprocessed: Dataset905_Other; choose another id with -d" in err
     assert os.listdir(roots / "raw") == []
     # the phantom's own stale preprocessed folder does not block an overwrite
     write_abdominal_phantom(str(roots / "raw"), 906, 1, shape=(16, 16, 16))

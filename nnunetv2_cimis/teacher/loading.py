@@ -36,10 +36,37 @@ def model_folder_for(results_root: str, dataset: str, trainer: str, plans: str, 
     return os.path.join(results_root, dataset, f"{trainer}__{plans}__{configuration}")
 
 
+def teacher_results_name(trainer: str, teacher_step: int) -> str:
+    """The trainer part of the teacher's results folder: ``trainer``, or with ``nnUNet_cimis_variant_folders=1``
+    the variant name its training got under the same settings (:func:`nnunetv2_cimis.settings.results_trainer_name`
+    applied to the teacher's class and step). Settings its class refuses (flat hyperparameters of another
+    method) cannot have been used to train it and count as defaults."""
+    from nnunetv2_cimis.settings import results_trainer_name, variant_folders_enabled
+    if not variant_folders_enabled():
+        return trainer
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunetv2_cimis.cli import ensure_trainer_path
+    ensure_trainer_path()
+    try:
+        trainer_class = recursive_find_trainer_class_by_name(trainer)
+    except RuntimeError:
+        raise CIMISError(f"The teacher was trained with {trainer}, which nnU-Net cannot find. Set "
+                         f"nnUNet_extTrainer as for training (see `nnUNetv2_cimis_trainer_path`).") from None
+    defaults = dict(getattr(trainer_class, "default_hyperparameters", {}) or {})
+    default_lr = getattr(trainer_class, "incremental_initial_lr", None)
+    try:
+        return results_trainer_name(trainer, defaults, default_lr, teacher_step > 0)
+    except CIMISError:
+        return results_trainer_name(trainer, defaults, default_lr, teacher_step > 0, hp=defaults)
+
+
 def teacher_checkpoint_path(results_root: Optional[str], dataset: str, trainer: str, plans: str,
-                            configuration: str, fold, recorded: Optional[str] = None) -> str:
+                            configuration: str, fold, recorded: Optional[str] = None,
+                            teacher_step: Optional[int] = None) -> str:
     """The teacher checkpoint: ``nnUNet_cimis_teacher`` if set, else the one recorded in the step metadata
-    (``recorded``), else the conventional path."""
+    (``recorded``), else the conventional path: ``trainer``'s results folder, named as
+    :func:`teacher_results_name` says when ``teacher_step`` (the teacher's step index) is given."""
     explicit = os.environ.get(ENV_TEACHER, "").strip()
     if not explicit and recorded:
         if not os.path.isfile(recorded):
@@ -53,12 +80,14 @@ def teacher_checkpoint_path(results_root: Optional[str], dataset: str, trainer: 
         return explicit
     if results_root is None:
         raise CIMISError("nnUNet_results is not set, so the teacher cannot be found. Set it as for nnU-Net.")
-    path = os.path.join(model_folder_for(results_root, dataset, trainer, plans, configuration), f"fold_{fold}",
-                        "checkpoint_final.pth")
+    folder_trainer = trainer if teacher_step is None else teacher_results_name(trainer, teacher_step)
+    path = os.path.join(model_folder_for(results_root, dataset, folder_trainer, plans, configuration),
+                        f"fold_{fold}", "checkpoint_final.pth")
     if not os.path.isfile(path):
+        same = "" if folder_trainer == trainer else " with the same nnUNet_cimis_hparams / nnUNet_cimis_lr"
         raise CIMISError(
             f"The teacher checkpoint {path} does not exist. Train the previous step first "
-            f"(`nnUNetv2_train {dataset} {configuration} {fold} -tr {trainer} -p {plans}`), or set "
+            f"(`nnUNetv2_train {dataset} {configuration} {fold} -tr {trainer} -p {plans}`{same}), or set "
             f"{ENV_TEACHER} to the checkpoint_final.pth of the model to extend.")
     return path
 

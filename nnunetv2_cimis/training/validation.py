@@ -208,7 +208,8 @@ def perform_step_validation(trainer, nnunet_validation, save_probabilities: bool
                                   f"{entry['mean_dice_new']}", also_print_to_console=True)
 
 
-def write_reference_roots(dataset: str, model_folders: Sequence[str], folds: Sequence[int], output: str) -> Dict[str, str]:
+def write_reference_roots(dataset: str, model_folders: Sequence[str], folds: Sequence[int],
+                          output: str) -> Dict[str, str]:
     """Lay the step references of trained models out as nnU-Net's own folders, for
     ``nnUNetv2_find_best_configuration``.
 
