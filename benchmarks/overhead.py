@@ -6,7 +6,10 @@ after ``--warmup`` untimed ones. Only ``train_step`` is timed (the batch is draw
 data loading, identical for all, does not dilute the ratios. Memory: on CUDA the peak of
 ``torch.cuda.max_memory_allocated`` over the timed iterations; on CPU the growth of the process's peak
 resident memory from just before the trainer is set up (network, teacher, optimizer, data) to the end.
-Prints one line per trainer: ``NAME time_ratio=X.XX memory_ratio=Y.YY`` (plus absolute figures).
+Prints one line per trainer: ``NAME time_ratio=X.XX memory_ratio=Y.YY`` (plus absolute figures and
+``cpu_time_ratio``: the same ratio of the process's CPU time over the timed ``train_step`` calls,
+``time.process_time``; on a CPU shared with other jobs the wall-clock ratio mostly measures the contention,
+the CPU-time ratio much less so; with ``OMP_NUM_THREADS=1`` it is the work done).
 
     python benchmarks/overhead.py --trainers nnUNetTrainer nnUNetTrainerPGCDDAPD --iterations 20
     python benchmarks/overhead.py --trainers nnUNetTrainerMiB --device cuda --default-network --shape 128
@@ -54,22 +57,24 @@ def worker(dataset: str, plans: str, trainer_name: str, iterations: int, warmup:
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    elapsed = 0.0
+    elapsed = cpu = 0.0
     for _ in range(iterations):
         batch = next(trainer.dataloader_train)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         trainer.train_step(batch)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - t0
+        cpu += time.process_time() - c0
     memory = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda"
               else _peak_rss_mb() - baseline_rss)
     for loader in (trainer.dataloader_train, trainer.dataloader_val):  # augmentation workers (nnUNet_n_proc_DA > 0)
         if hasattr(loader, "_finish"):
             loader._finish()
-    return {"trainer": trainer_name, "seconds_per_iteration": elapsed / iterations, "memory_mb": memory,
+    return {"trainer": trainer_name, "seconds_per_iteration": elapsed / iterations,
+            "cpu_seconds_per_iteration": cpu / iterations, "memory_mb": memory,
             "parameters": sum(p.numel() for p in trainer.network.parameters())}
 
 
@@ -190,8 +195,10 @@ def measure(dataset: str, plans: str, trainers, iterations: int, warmup: int, de
         r = results[t]
         r["time_ratio"] = r["seconds_per_iteration"] / base["seconds_per_iteration"]
         r["memory_ratio"] = r["memory_mb"] / base["memory_mb"] if base["memory_mb"] > 0 else float("nan")
+        r["cpu_time_ratio"] = r["cpu_seconds_per_iteration"] / base["cpu_seconds_per_iteration"]
         log(f"{t} time_ratio={r['time_ratio']:.2f} memory_ratio={r['memory_ratio']:.2f} "
-            f"({r['seconds_per_iteration']:.3f} s/it, {r['memory_mb']:.0f} MB, {r['parameters']} parameters)")
+            f"({r['seconds_per_iteration']:.3f} s/it, {r['memory_mb']:.0f} MB, {r['parameters']} parameters; "
+            f"cpu_time_ratio={r['cpu_time_ratio']:.2f}, {r['cpu_seconds_per_iteration']:.3f} CPU s/it)")
     if skipped:
         log(f"# not measured (time guard): {' '.join(skipped)}")
     return results, skipped, failed

@@ -13,8 +13,9 @@ appended to every training batch. Loss of an iteration (real samples ``R``, all 
 
     L = DiceCE_ds(R) + kd_weight * UNKD_ds(A) + contrast_weight * InfoNCE(projection(tap features), labels)
 
-* ``DiceCE_ds``: nnU-Net's Dice+CE with deep supervision, on real samples only (synthetic images have no
-  ground truth);
+* ``DiceCE_ds``: the segmentation loss with deep supervision, on real samples only (synthetic images have no
+  ground truth): at steps > 0 MiB's unbiased Dice+CE (label 0 = background or an old organ, which a step's
+  masks never label), at step 0 nnU-Net's Dice+CE;
 * ``UNKD_ds``: MiB's unbiased distillation of the teacher's softmax on every sample, at every
   deep-supervision scale: on synthetic images it transfers the old classes' knowledge on old-looking
   data, the paper's "distillation driven by the diffusion model";
@@ -76,7 +77,7 @@ from nnunetv2_cimis.losses.common import resize_labels_nearest
 from nnunetv2_cimis.losses.contrastive import (ClassMemoryQueue, CrossImagePixelContrastLoss, ProjectionHead,
                                                labels_for_contrast)
 from nnunetv2_cimis.losses.deep_supervision import apply_over_scales, deep_supervision_weights
-from nnunetv2_cimis.losses.mib import UnbiasedKnowledgeDistillation
+from nnunetv2_cimis.losses.mib import UnbiasedDiceCELoss, UnbiasedKnowledgeDistillation
 from nnunetv2_cimis.memory.step_memory import StepMemory
 from nnunetv2_cimis.synthesis.diffusion import (DiffusionConfig, SyntheticImageCache, crops_for_diffusion,
                                                 replay_model_record, require_diffusers, resolve_replay_folder,
@@ -150,6 +151,11 @@ class nnUNetTrainerDDCL(nnUNetTrainerIncremental):
                 queue_pixels_per_image=int(self.hp["contrast_queue_pixels_per_image"]))
         self.distillation = (UnbiasedKnowledgeDistillation(self.step.n_old_outputs, alpha=float(self.hp["kd_alpha"]))
                              if self.step.is_incremental else None)
+        # real frames: label 0 may be an old organ (not annotated in this step, or in DSAD's sparse labels)
+        self.unbiased_segmentation = (UnbiasedDiceCELoss(self.step.n_old_outputs,
+                                                         batch_dice=self.configuration_manager.batch_dice,
+                                                         ignore_index=self.label_manager.ignore_label)
+                                      if self.step.is_incremental else None)
         self.projection_head: Optional[ProjectionHead] = None
         self.queue: Optional[ClassMemoryQueue] = None
         self._contrast_taps: Optional[FeatureTaps] = None
@@ -304,7 +310,10 @@ class nnUNetTrainerDDCL(nnUNetTrainerIncremental):
 
     def compute_loss(self, output: List[torch.Tensor], target: List[torch.Tensor], ctx: StepContext) -> torch.Tensor:
         n = self._n_real
-        loss = self.segmentation_loss([o[:n] for o in output], [t[:n] for t in target])
+        real_output, real_target = [o[:n] for o in output], [t[:n] for t in target]
+        loss = (self.segmentation_loss(real_output, real_target) if self.unbiased_segmentation is None else
+                apply_over_scales(self.unbiased_segmentation, deep_supervision_weights(len(output)), real_output,
+                                  real_target))
         if self.step.is_incremental and float(self.hp["kd_weight"]) > 0 and ctx.teacher_output is not None:
             weights = deep_supervision_weights(len(output))
             kd = apply_over_scales(self.distillation, weights, output, ctx.teacher_output)
