@@ -137,3 +137,26 @@ def test_make_scenario_records_source_labels(tmp_path, monkeypatch):
         assert block["source_labels"]["3"] == {"dataset": "Dataset950_AbdominalPhantom", "name": "liver", "value": 1}
     with open(tmp_path / "raw" / summary["step_datasets"][1] / "dataset.json") as f:
         assert label_mapping(json.load(f), "source")[0] == {1: 2, 2: 3, 3: 1}
+
+
+def test_mirroring_follows_nnunet_default():
+    """nnUNetv2_predict mirrors unless --disable_tta: so do evaluate (command and function) and predict."""
+    import inspect
+
+    from nnunetv2_cimis.evaluation import evaluate as ev
+    from nnunetv2_cimis.submission.predict import build_parser
+    assert ev.build_parser().parse_args(["-d", "1", "-o", "x"]).disable_tta is False
+    assert ev.build_parser().parse_args(["-d", "1", "-o", "x", "--disable_tta"]).disable_tta is True
+    assert inspect.signature(ev.evaluate_scenario).parameters["use_mirroring"].default is True
+    assert inspect.signature(ev.predict_cases).parameters["use_mirroring"].default is True
+    assert build_parser().parse_args(["-i", "a", "-o", "b"]).disable_tta is False
+
+
+def test_export_packs_only_paths_inside_results(tmp_path):
+    """A replay-model path read from a step memory may not leave nnUNet_results."""
+    from nnunetv2_cimis.submission.export import _inside
+    assert _inside(str(tmp_path), "Dataset001_A/x/fold_0/diffusion_model", "m") == \
+        os.path.join(str(tmp_path), "Dataset001_A/x/fold_0/diffusion_model")
+    for bad in ("../elsewhere", "/abs/path", "a/../../b", ""):
+        with pytest.raises(CIMISError):
+            _inside(str(tmp_path), bad, "step memory")
