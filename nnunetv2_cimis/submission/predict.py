@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no test-time mirroring (faster; nnU-Net mirrors by default)")
     p.add_argument("-device", "--device", default=None,
                    help="cuda, cuda:N, cpu or mps (default: cuda when a GPU is present, else cpu)")
-    p.add_argument("-npp", type=int, default=3, help="preprocessing workers (default 3; 0 with -nps 0: in-process)")
+    p.add_argument("-npp", type=int, default=3,
+                   help="preprocessing workers (default 3); -npp 0 or -nps 0: everything in this process")
     p.add_argument("-nps", type=int, default=3, help="segmentation export workers (default 3)")
     p.add_argument("--labels", default="source",
                    help="label values written: source (the source dataset's, default), global (the scenario's, as "
