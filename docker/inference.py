@@ -12,7 +12,7 @@ challenge (the Dockerfile sets them):
                        (``CASE_0000.nii.gz`` in, ``CASE.nii.gz`` out) with the source dataset's label values
 * ``CIMIS_DEVICE``     ``cuda`` / ``cpu`` (default: cuda when a GPU is visible)
 * ``CIMIS_DISABLE_TTA`` ``1`` to switch test-time mirroring off (faster)
-* ``CIMIS_NPP``, ``CIMIS_NPS`` preprocessing / export workers (default 2 / 2; ``0`` both: in-process)
+* ``CIMIS_NPP``, ``CIMIS_NPS`` preprocessing / export workers (default 2 / 2; ``0``: all in this process)
 """
 import argparse
 import os
