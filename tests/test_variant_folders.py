@@ -1,6 +1,10 @@
-"""Results folders of hyperparameter variants (nnUNet_cimis_variant_folders, nnunetv2_cimis.settings): names and
-the teacher lookup."""
+"""Results folders of hyperparameter variants (nnUNet_cimis_variant_folders, nnunetv2_cimis.settings): names,
+the teacher lookup, and one real run: train into the variant folder, validate against step references,
+nnUNetv2_predict finds the model, the next step finds its teacher."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -78,3 +82,50 @@ def test_teacher_lookup_finds_the_variant(roots, monkeypatch):
         lookup(ds1, "nnUNetTrainerMiB", 1)  # no silent fall-back to another setting's model
     monkeypatch.setenv(ENV_HPARAMS, json.dumps({"kd_weight": 5}))  # flat: FT refuses it, so it never trained FT
     assert lookup(ds0, "nnUNetTrainerFT", 0) == step0
+
+
+@pytest.mark.e2e
+def test_variant_run_predict_and_next_teacher(tiny_scenario, tmp_path, monkeypatch):
+    from e2e_utils import CONFIGURATION, PLANS, build_trainer, model_folder, train
+    from nnunetv2_cimis.training.incremental_trainer import nnUNetTrainerFT
+    from nnunetv2_cimis.training.validation import REFERENCE_FOLDER, SUMMARY_KEY
+    env, steps = tiny_scenario["env"], tiny_scenario["step_datasets"]
+    name = "nnUNetTrainerFT_lr0p002"
+    variant_env = {ENV_VARIANT_FOLDERS: "1", ENV_LR: "0.002"}
+    plain = os.path.dirname(model_folder(env, steps[1], "nnUNetTrainerFT"))
+    plain_existed = os.path.isdir(plain)
+    proc = train(steps[1], "nnUNetTrainerFT", env, extra_env=variant_env)
+    folder = model_folder(env, steps[1], name)
+    assert os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
+    assert os.path.isdir(plain) == plain_existed  # no stray folder under the class name
+    # the final validation scored against step references (new classes: masks; old: the teacher)
+    with open(os.path.join(folder, "validation", "summary.json")) as f:
+        entry = json.load(f)[SUMMARY_KEY]
+    assert entry["old_labels"] == [1, 2] and entry["new_labels"] == [3, 4]
+    assert entry["teacher"].endswith(os.path.join("nnUNetTrainerFT__" + PLANS + "__" + CONFIGURATION, "fold_0",
+                                                  "checkpoint_final.pth"))
+    assert os.listdir(os.path.join(folder, REFERENCE_FOLDER))
+    assert "Mean validation Dice of the old classes (against the teacher)" in proc.stdout
+    # nnUNetv2_predict finds the model by the folder's trainer part; the class comes from the checkpoint
+    with open(os.path.join(env["nnUNet_raw"], steps[0], "test_set.json")) as f:
+        case, files = sorted(json.load(f)["cases"].items())[0]
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    os.symlink(os.path.join(env["nnUNet_raw"], steps[0], files["images"][0]), inp / f"{case}_0000.nii.gz")
+    exe = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_predict")
+    proc = subprocess.run([exe, "-i", str(inp), "-o", str(out), "-d", steps[1], "-c", CONFIGURATION, "-f", "0", "-tr",
+                           name, "-p", PLANS, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+                          env=dict(os.environ, **env), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / f"{case}.nii.gz").is_file()
+    # step 2 under the same settings finds this model as its teacher; under other settings it refuses
+    for k, v in variant_env.items():
+        monkeypatch.setenv(k, v)
+    trainer = build_trainer(steps[2], nnUNetTrainerFT)
+    assert os.path.basename(trainer.output_folder_base) == f"{name}__{PLANS}__{CONFIGURATION}"
+    trainer.initialize()
+    assert trainer.teacher_info.checkpoint_path == os.path.join(folder, "checkpoint_final.pth")
+    monkeypatch.setenv(ENV_LR, "0.003")
+    trainer = build_trainer(steps[2], nnUNetTrainerFT)
+    with pytest.raises(SystemExit, match="nnUNetTrainerFT_lr0p003__"):
+        trainer.initialize()
