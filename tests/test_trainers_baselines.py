@@ -55,6 +55,7 @@ def _bare_trainer(cls, hparams=None):
     t.configuration_manager = SimpleNamespace(batch_dice=False, network_arch_init_kwargs={"n_stages": 4},
                                               patch_size=[8, 16, 16], spacing=[2.0, 1.0, 1.0])
     t.segmentation_loss = _seg_stub
+    t.deep_supervision_weights = deep_supervision_weights(3)  # what nnU-Net's DeepSupervisionWrapper holds
     t.print_to_log_file = lambda *a, **k: None
     t._build_method_losses()
     return t

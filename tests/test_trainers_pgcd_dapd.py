@@ -49,6 +49,7 @@ def _bare_trainer(cls, memory, hparams=None):
     t.teacher_memory = memory
     t.label_manager = SimpleNamespace(has_ignore_label=False, ignore_label=None)
     t.configuration_manager = SimpleNamespace(batch_dice=False)
+    t.deep_supervision_weights = deep_supervision_weights(2)  # what nnU-Net's DeepSupervisionWrapper holds
     t.print_to_log_file = lambda *a, **k: None
     from nnunetv2_cimis.losses.prototypes import EMAPrototype
     t.background_prototype = EMAPrototype(t.hp["background_momentum"])

@@ -11,27 +11,10 @@ data loading, training loop, validation and inference. It changes three things:
   nnU-Net's deep-supervision lists (the network's list is ``[logits, intermediate log-probabilities...]``);
 * ``on_train_epoch_start`` advances the foreground-filtering threshold with the epoch.
 
-Hyperparameters (``default_hyperparameters``, override with ``nnUNet_cimis_hparams``). The architecture ones
-are read again by the static ``build_network_architecture`` at inference: set the same
+Hyperparameters (``default_hyperparameters``, overridden by ``nnUNet_cimis_hparams``): the table in
+``docs/methods_iapl.md`` (checked against the dict by ``tests/test_docs_hyperparameters.py``). The architecture
+ones are read again by the static ``build_network_architecture`` at inference: set the same
 ``nnUNet_cimis_hparams`` for ``nnUNetv2_predict`` as for training if you changed any of them.
-
-=============================  =======  ==================================================================
-name                           default  status
-=============================  =======  ==================================================================
-num_queries                    32       [known] common prototypes
-layers_per_scale               2        [known]
-num_transformer_scales         3        [known] (fewer if the U-Net has fewer decoder stages below full res)
-embed_dim                      128      [known] official pixel-embedding width
-num_heads                      8        [known] kMaX-DeepLab; must divide the coarsest scale's channels
-head_channels                  8        [known] dynamic head width
-ffn_expansion                  4        choice
-prototype_embedding_dim        128      choice (official 256)
-purity_threshold_start         0.1      [known] intended start of the ramp
-purity_threshold_end           0.5      [known] intended end of the ramp
-purity_ramp_fraction           1.0      choice: the ramp spans this fraction of the epochs
-aux_weight                     0.05     [known] weight of each intermediate CE+Dice term
-bce_weight, dice_weight        1.0      [known] main Dice + BCE per class (equal weights: choice)
-=============================  =======  ==================================================================
 
 Region-based training and ignore labels are not supported (the loss is one-hot per class).
 """

@@ -6,13 +6,8 @@ with ``F`` the output of ``encoder.stages.-1`` (nnU-Net's bottleneck, the counte
 output ``features['body']`` distilled in MiB's ILT code). Features have no deep-supervision scales: the
 bottleneck is distilled once per iteration.
 
-Hyperparameters (``nnUNet_cimis_hparams``): those of :class:`nnUNetTrainerLwF` and
-
-==============  =======  ==================================================================================
-name            default  status
-==============  =======  ==================================================================================
-feature_weight  100.0    [known] MiB's code, ``--method ILT`` (``loss_de = 100``)
-==============  =======  ==================================================================================
+Hyperparameters: those of :class:`nnUNetTrainerLwF` and ``feature_weight``; the table in
+``docs/trainers_baselines.md`` (checked against the dict by ``tests/test_docs_hyperparameters.py``).
 """
 from __future__ import annotations
 
@@ -34,8 +29,8 @@ class nnUNetTrainerILT(nnUNetTrainerLwF):
     student_feature_taps = {"bottleneck": BOTTLENECK_TAP}
     teacher_feature_taps = {"bottleneck": BOTTLENECK_TAP}
 
-    def _build_method_losses(self) -> None:
-        super()._build_method_losses()
+    def build_method_losses(self) -> None:
+        super().build_method_losses()
         if self.hp["feature_weight"] < 0:
             raise ValueError(f"feature_weight must be >= 0, got {self.hp['feature_weight']}")
         self.feature_distillation = FeatureDistillationMSE()
@@ -43,4 +38,5 @@ class nnUNetTrainerILT(nnUNetTrainerLwF):
     def compute_loss(self, output: List[torch.Tensor], target: List[torch.Tensor], ctx: StepContext) -> torch.Tensor:
         loss = super().compute_loss(output, target, ctx)
         mse = self.feature_distillation(ctx.student_features["bottleneck"], ctx.teacher_features["bottleneck"])
+        self.record_loss_terms(feature=mse)
         return loss + self.hp["feature_weight"] * mse

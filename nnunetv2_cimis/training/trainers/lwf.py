@@ -9,14 +9,8 @@ The teacher runs with deep supervision on, so every student scale is distilled f
 the same scale. DiceCE is nnU-Net's own loss (the background shift is *not* handled: that is what MiB and
 PLOP add). At step 0 the trainer is plain nnU-Net training.
 
-Hyperparameters (``nnUNet_cimis_hparams``):
-
-==============  =======  ==================================================================================
-name            default  status
-==============  =======  ==================================================================================
-kd_weight       100.0    [known] MiB's code, ``--method LWF`` (``loss_kd = 100``) with the per-class mean
-kd_alpha        1.0      [known] MiB's default ``--alpha`` (factor on the teacher logits)
-==============  =======  ==================================================================================
+Hyperparameters (``default_hyperparameters``, overridden by ``nnUNet_cimis_hparams``): the table in
+``docs/trainers_baselines.md`` (checked against the dict by ``tests/test_docs_hyperparameters.py``).
 """
 from __future__ import annotations
 
@@ -24,8 +18,6 @@ from typing import List
 
 import torch
 
-from nnunetv2_cimis.errors import CIMISError, exit_on_user_error
-from nnunetv2_cimis.losses.deep_supervision import apply_over_scales, deep_supervision_weights
 from nnunetv2_cimis.losses.lwf import LwFDistillationLoss
 from nnunetv2_cimis.training.incremental_trainer import StepContext, nnUNetTrainerIncremental
 
@@ -36,16 +28,7 @@ class nnUNetTrainerLwF(nnUNetTrainerIncremental):
     default_hyperparameters = {"kd_weight": 100.0, "kd_alpha": 1.0}
     head_init = "random"  # MiB's official code initialises the new rows randomly for LwF and ILT
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        with exit_on_user_error():
-            try:
-                self._build_method_losses()
-            except ValueError as e:
-                raise CIMISError(f"{self.__class__.__name__}: {e}; check nnUNet_cimis_hparams") from None
-
-    def _build_method_losses(self) -> None:
+    def build_method_losses(self) -> None:
         """The method's loss modules, from ``self.hp`` (and, in subclasses, the step)."""
         if self.hp["kd_weight"] < 0:
             raise ValueError(f"kd_weight must be >= 0, got {self.hp['kd_weight']}")
@@ -53,8 +36,9 @@ class nnUNetTrainerLwF(nnUNetTrainerIncremental):
 
     def distillation_loss(self, output: List[torch.Tensor], ctx: StepContext) -> torch.Tensor:
         """LwF term over the deep-supervision scales (unweighted by ``kd_weight``)."""
-        return apply_over_scales(self.output_distillation, deep_supervision_weights(len(output)),
-                                 output, ctx.teacher_output)
+        return self.over_scales(self.output_distillation, output, ctx.teacher_output)
 
     def compute_loss(self, output: List[torch.Tensor], target: List[torch.Tensor], ctx: StepContext) -> torch.Tensor:
-        return self.segmentation_loss(output, target) + self.hp["kd_weight"] * self.distillation_loss(output, ctx)
+        seg, kd = self.segmentation_loss(output, target), self.distillation_loss(output, ctx)
+        self.record_loss_terms(segmentation=seg, kd=kd)
+        return seg + self.hp["kd_weight"] * kd

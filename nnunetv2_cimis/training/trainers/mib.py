@@ -10,17 +10,8 @@ bg+old probability); UNKD compares the teacher's background with the student's b
 The head initialisation of MiB (new rows = background weights, biases ``b_bg - log(|C^t| + 1)``) is done
 by the base trainer. See :mod:`nnunetv2_cimis.losses.mib`.
 
-Hyperparameters (``nnUNet_cimis_hparams``):
-
-==============================  =======  ====================================================================
-name                            default  status
-==============================  =======  ====================================================================
-kd_weight                       10.0     [known] MiB's code (``--method MiB``: ``loss_kd = 10``)
-kd_alpha                        1.0      [known] MiB's default ``--alpha``
-dice_weight                     1.0      choice: nnU-Net's Dice weight (MiB has no Dice term)
-dice_include_merged_background  True     choice: the merged bg+old channel is one of the Dice classes, so
-                                         label 0 is compared with it; False = Dice of new classes only
-==============================  =======  ====================================================================
+Hyperparameters (``default_hyperparameters``, overridden by ``nnUNet_cimis_hparams``): the table in
+``docs/trainers_baselines.md`` (checked against the dict by ``tests/test_docs_hyperparameters.py``).
 """
 from __future__ import annotations
 
@@ -28,8 +19,6 @@ from typing import List
 
 import torch
 
-from nnunetv2_cimis.errors import CIMISError, exit_on_user_error
-from nnunetv2_cimis.losses.deep_supervision import apply_over_scales, deep_supervision_weights
 from nnunetv2_cimis.losses.mib import UnbiasedDiceCELoss, UnbiasedKnowledgeDistillation
 from nnunetv2_cimis.training.incremental_trainer import StepContext, nnUNetTrainerIncremental
 
@@ -40,22 +29,12 @@ class nnUNetTrainerMiB(nnUNetTrainerIncremental):
     default_hyperparameters = {"kd_weight": 10.0, "kd_alpha": 1.0, "dice_weight": 1.0,
                                "dice_include_merged_background": True}
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.unbiased_segmentation = None
-        self.unbiased_distillation = None
-        if self.step.is_incremental:
-            with exit_on_user_error():
-                try:
-                    self._build_method_losses()
-                except ValueError as e:
-                    raise CIMISError(f"{self.__class__.__name__}: {e}; check nnUNet_cimis_hparams") from None
-
-    def _build_method_losses(self) -> None:
+    def build_method_losses(self) -> None:
         """The unbiased losses for this step's ``n_old`` (teacher channels), from ``self.hp`` and the plans."""
         if self.hp["kd_weight"] < 0:
             raise ValueError(f"kd_weight must be >= 0, got {self.hp['kd_weight']}")
+        if not self.step.is_incremental:
+            return
         n_old = self.step.n_old_outputs
         self.unbiased_segmentation = UnbiasedDiceCELoss(
             n_old, weight_ce=1.0, weight_dice=self.hp["dice_weight"],
@@ -65,7 +44,7 @@ class nnUNetTrainerMiB(nnUNetTrainerIncremental):
         self.unbiased_distillation = UnbiasedKnowledgeDistillation(n_old, alpha=self.hp["kd_alpha"])
 
     def compute_loss(self, output: List[torch.Tensor], target: List[torch.Tensor], ctx: StepContext) -> torch.Tensor:
-        weights = deep_supervision_weights(len(output))
-        seg = apply_over_scales(self.unbiased_segmentation, weights, output, target)
-        kd = apply_over_scales(self.unbiased_distillation, weights, output, ctx.teacher_output)
+        seg = self.over_scales(self.unbiased_segmentation, output, target)
+        kd = self.over_scales(self.unbiased_distillation, output, ctx.teacher_output)
+        self.record_loss_terms(segmentation=seg, kd=kd)
         return seg + self.hp["kd_weight"] * kd

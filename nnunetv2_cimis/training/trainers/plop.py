@@ -6,9 +6,8 @@ Loss of a step t > 0 (see :mod:`nnunetv2_cimis.losses.plop`):
         + sqrt(n_total / n_new) * ( sum_l pod_feature_weight * POD(F_l) + pod_logits_weight * sum_s w_s POD(z_s) )
           / (n_feature_maps + 1)
 
-* ``w_s``: nnU-Net's deep-supervision weights (``1/2^i``, coarsest 0, normalised). Pseudo-labels are made at
-  every scale from the teacher's output at that scale and nnU-Net's target at that scale, so they match
-  nnU-Net's own downsampled targets exactly.
+* ``w_s``: nnU-Net's deep-supervision weights (from its ``DeepSupervisionWrapper``). Pseudo-labels are made at
+  every scale from the teacher's output and nnU-Net's target at that scale.
 * Pseudo-labels: label-0 voxels take the teacher's argmax where its normalised entropy is below the
   class's threshold, others are ignored; each image's CE is weighted by its fraction of confident label-0
   voxels. The per-class thresholds (median entropy, floor ``entropy_threshold_floor``) are computed once
@@ -19,37 +18,16 @@ Loss of a step t > 0 (see :mod:`nnunetv2_cimis.losses.plop`):
   logits summed into background). Regions: scales ``pod_scales`` along the longest physical axis of the
   patch (patch size x spacing), proportionally fewer along shorter axes (``pod_physical_regions``).
 
-Hyperparameters (``nnUNet_cimis_hparams``):
-
-======================  ==========  =====================================================================
-name                    default     status
-======================  ==========  =====================================================================
-pod_feature_weight      0.01        [known] PLOP's ``pod_factor``
-pod_logits_weight       0.0005      [known] PLOP's ``pod_options.switch.after.factor``
-pod_scales              [1, 2, 4]   [known] PLOP's ``spp_scales``; entries may be per-axis lists
-pod_class_schedule      true        [known] multiply by sqrt(n_total / n_new) (``use_pod_schedule``)
-pod_physical_regions    true        choice: region counts follow the patch's physical extent
-pod_feature_taps        "auto"      choice: encoder.stages.1 .. bottleneck + decoder.stages.-1; or a list
-                                    of module paths
-entropy_threshold_floor 0.001       [known] PLOP's ``--threshold`` (here on H/log(n_old), see docs)
-entropy_num_bins        100         [known] PLOP's histogram bins
-threshold_num_batches   0           choice: training batches for the thresholds, 0 = one epoch
-                                    (``num_iterations_per_epoch``)
-min_image_weight        0.0         [known] PLOP's ``classif_adaptive_min_factor``
-dice_weight             1.0         choice: nnU-Net's Dice weight (PLOP has CE only)
-======================  ==========  =====================================================================
+Hyperparameters (``default_hyperparameters``, overridden by ``nnUNet_cimis_hparams``): the table in
+``docs/trainers_baselines.md`` (checked against the dict by ``tests/test_docs_hyperparameters.py``).
 """
 from __future__ import annotations
 
 from typing import Any, Dict, List
 
 import torch
-from torch import autocast
 
-from nnunetv2.utilities.helpers import dummy_context
-
-from nnunetv2_cimis.errors import CIMISError, exit_on_user_error
-from nnunetv2_cimis.losses.deep_supervision import apply_over_scales, deep_supervision_weights
+from nnunetv2_cimis.errors import CIMISError
 from nnunetv2_cimis.losses.plop import PLOPDistillationLoss, PLOPPseudoLabeller, PseudoLabelDiceCELoss
 from nnunetv2_cimis.training.incremental_trainer import StepContext, nnUNetTrainerIncremental
 
@@ -60,43 +38,23 @@ class nnUNetTrainerPLOP(nnUNetTrainerIncremental):
     """PLOP: pseudo-labelled Dice+CE with per-image weights + local POD on features and logits."""
 
     default_hyperparameters = {
-        "pod_feature_weight": 0.01,
-        "pod_logits_weight": 0.0005,
-        "pod_scales": [1, 2, 4],
-        "pod_class_schedule": True,
-        "pod_physical_regions": True,
-        "pod_feature_taps": "auto",
-        "entropy_threshold_floor": 0.001,
-        "entropy_num_bins": 100,
-        "threshold_num_batches": 0,
-        "min_image_weight": 0.0,
-        "dice_weight": 1.0,
+        "pod_feature_weight": 0.01, "pod_logits_weight": 0.0005, "pod_scales": [1, 2, 4], "pod_class_schedule": True,
+        "pod_physical_regions": True, "pod_feature_taps": "auto", "entropy_threshold_floor": 0.001,
+        "entropy_num_bins": 100, "threshold_num_batches": 0, "min_image_weight": 0.0, "dice_weight": 1.0,
     }
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.pseudo_labeller = None
-        self.pseudo_label_loss = None
-        self.pod_loss = None
-        self.pod_tap_names: List[str] = []
-        if self.step.is_incremental:
-            with exit_on_user_error():
-                try:
-                    self._build_method_losses()
-                except ValueError as e:
-                    raise CIMISError(f"{self.__class__.__name__}: {e}; check nnUNet_cimis_hparams") from None
-
-    def _build_method_losses(self) -> None:
+    def build_method_losses(self) -> None:
         """Feature taps, pseudo-labeller and losses for this step, from ``self.hp`` and the plans."""
+        self.pseudo_labeller = self.pseudo_label_loss = self.pod_loss = None
+        self.pod_tap_names: List[str] = []
+        if not self.step.is_incremental:
+            return
         if not isinstance(self.hp["threshold_num_batches"], int) or self.hp["threshold_num_batches"] < 0:
             raise ValueError(f"threshold_num_batches must be an integer >= 0 (0 = one epoch), got "
                              f"{self.hp['threshold_num_batches']!r}")
         paths = self._pod_tap_paths()
         self.pod_tap_names = [f"pod{i}" for i in range(len(paths))]
-        # instance attributes: the base installs the taps in initialize()
-        self.student_feature_taps = dict(zip(self.pod_tap_names, paths))
-        self.teacher_feature_taps = dict(zip(self.pod_tap_names, paths))
+        self.student_feature_taps = self.teacher_feature_taps = dict(zip(self.pod_tap_names, paths))  # base installs
         n_old = self.step.n_old_outputs
         self.pseudo_labeller = PLOPPseudoLabeller(
             n_old, num_bins=int(self.hp["entropy_num_bins"]), threshold_floor=self.hp["entropy_threshold_floor"],
@@ -109,7 +67,6 @@ class nnUNetTrainerPLOP(nnUNetTrainerIncremental):
             logits_weight=self.hp["pod_logits_weight"], scales=self._pod_scales(), extent=self._patch_extent(),
             class_schedule=self.hp["pod_class_schedule"])
 
-    # ------------------------------------------------------------------ configuration
     def _pod_tap_paths(self) -> List[str]:
         taps = self.hp["pod_feature_taps"]
         if taps == "auto":
@@ -137,7 +94,6 @@ class nnUNetTrainerPLOP(nnUNetTrainerIncremental):
             spacing = spacing[-len(patch):] if len(spacing) > len(patch) else [1.0] * len(patch)
         return [p * s for p, s in zip(patch, spacing)]
 
-    # ------------------------------------------------------------------ thresholds
     def on_incremental_train_start(self) -> None:
         if self.pseudo_labeller.has_thresholds:
             self.print_to_log_file(f"PLOP entropy thresholds restored from the checkpoint: "
@@ -153,15 +109,10 @@ class nnUNetTrainerPLOP(nnUNetTrainerIncremental):
         self.teacher.eval()
         for _ in range(n_batches):
             batch = next(self.dataloader_train)
-            data = batch["data"].to(self.device, non_blocking=True)
             target = batch["target"]
             target = (target[0] if isinstance(target, (list, tuple)) else target).to(self.device, non_blocking=True)
-            with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-                out = self.teacher(data)
-            out = out[0] if isinstance(out, (list, tuple)) else out
-            self.pseudo_labeller.accumulate(out, self._nnunet_ignore_to_pseudo(target))
-        if self._teacher_taps is not None:
-            self._teacher_taps.clear()
+            logits, _ = self.teacher_forward(batch["data"].to(self.device, non_blocking=True))
+            self.pseudo_labeller.accumulate(logits[0], self._nnunet_ignore_to_pseudo(target))
         if self.is_ddp:
             torch.distributed.all_reduce(self.pseudo_labeller.histogram)
         thresholds = self.pseudo_labeller.compute_thresholds()
@@ -184,15 +135,14 @@ class nnUNetTrainerPLOP(nnUNetTrainerIncremental):
         if self.pseudo_labeller is not None and "pseudo_labeller" in state:
             self.pseudo_labeller.load_state_dict(state["pseudo_labeller"])
 
-    # ------------------------------------------------------------------ loss
     def compute_loss(self, output: List[torch.Tensor], target: List[torch.Tensor], ctx: StepContext) -> torch.Tensor:
         def pseudo_dice_ce(z, y, z_teacher):
             pseudo, image_weights = self.pseudo_labeller(z_teacher, self._nnunet_ignore_to_pseudo(y))
             return self.pseudo_label_loss(z, pseudo, image_weights)
 
-        seg = apply_over_scales(pseudo_dice_ce, deep_supervision_weights(len(output)), output, target,
-                                ctx.teacher_output)
+        seg = self.over_scales(pseudo_dice_ce, output, target, ctx.teacher_output)
         pod = self.pod_loss([ctx.student_features[k] for k in self.pod_tap_names],
                             [ctx.teacher_features[k] for k in self.pod_tap_names],
                             output, ctx.teacher_output)
+        self.record_loss_terms(segmentation=seg, pod=pod)
         return seg + pod
