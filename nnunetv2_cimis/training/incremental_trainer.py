@@ -46,7 +46,8 @@ from nnunetv2_cimis.memory.teacher_memory import ensure_step_memory
 from nnunetv2_cimis.networks.unwrap import unwrap_network
 from nnunetv2_cimis.safe_load import load_weights_only, torch_load_weights_only
 from nnunetv2_cimis.scenarios.step_metadata import StepInfo, read_step_info
-from nnunetv2_cimis.settings import apply_training_length, incremental_lr, resolve_hyperparameters
+from nnunetv2_cimis.settings import (apply_training_length, incremental_lr, move_to_variant_folder,
+                                     nnunet_fold_folders, resolve_hyperparameters, results_trainer_name)
 from nnunetv2_cimis.teacher.head import widen_student_from_teacher
 from nnunetv2_cimis.teacher.loading import LoadedTeacher, load_teacher, teacher_checkpoint_path
 
@@ -147,6 +148,7 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
+        fresh = [f for f in nnunet_fold_folders(type(self).__name__, plans, configuration, fold) if not os.path.isdir(f)]
         super().__init__(plans, configuration, fold, dataset_json, device)
         with exit_on_user_error():
             self.step: StepInfo = read_step_info(dataset_json, self.plans_manager.dataset_name)
@@ -154,6 +156,11 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
             apply_training_length(self)
             if self.step.is_incremental:
                 self.initial_lr = incremental_lr(self.incremental_initial_lr)
+            # nnUNet_cimis_variant_folders=1: results in <trainer>_<non-default settings>__<plans>__<configuration>
+            self.results_trainer_name = results_trainer_name(type(self).__name__, self.default_hyperparameters,
+                                                             self.incremental_initial_lr, self.step.is_incremental,
+                                                             self.hp)
+            move_to_variant_folder(self, self.results_trainer_name, fresh)
         self.teacher: Optional[nn.Module] = None
         self.teacher_info: Optional[LoadedTeacher] = None
         self.teacher_memory: Optional[StepMemory] = None
@@ -203,7 +210,8 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
         teacher_trainer = self.step.teacher.trainer_for(self.__class__.__name__)
         ckpt = teacher_checkpoint_path(nnUNet_results.get() if nnUNet_results.is_set() else None,
                                        self.step.teacher.dataset, teacher_trainer, self.plans_manager.plans_name,
-                                       self.configuration_name, self.fold, self.step.teacher.checkpoint)
+                                       self.configuration_name, self.fold, self.step.teacher.checkpoint,
+                                       teacher_step=self.step.index - 1)
         info = load_teacher(ckpt, self.device)
         self._check_teacher_labels(info)
         info.network.decoder.deep_supervision = self.enable_deep_supervision
