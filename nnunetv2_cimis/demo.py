@@ -31,10 +31,13 @@ from nnunetv2_cimis.errors import CIMISError, cli_entry
 SOURCE_ID, FIRST_STEP_ID = 900, 901
 PLANS = "nnUNetPlansDemo"
 #: CPU-sized settings of the methods whose defaults are sized for a GPU (written to hparams.json, passed through
-#: nnUNet_cimis_hparams): fewer and shorter inversions, a shorter diffusion training and fewer replay samples
+#: nnUNet_cimis_hparams): fewer and shorter inversions; a smaller diffusion model on 32 x 32 images, trained
+#: shorter at a higher rate to predict the clean image (docs/methods_ddcl.md), and fewer replay samples
 DEMO_HYPERPARAMETERS = {
     "nnUNetTrainerMOSInv": {"num_synthetic": 6, "inversion_iterations": 50},
-    "nnUNetTrainerDDCL": {"num_synthetic": 16, "diffusion_train_iterations": 100},
+    "nnUNetTrainerDDCL": {"num_synthetic": 16, "diffusion_train_iterations": 100, "diffusion_image_size": 32,
+                          "diffusion_channels": [32, 64], "diffusion_learning_rate": 1e-3,
+                          "diffusion_prediction_type": "sample"},
 }
 
 

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from nnunetv2_cimis.losses.deep_supervision import deep_supervision_weights
 from nnunetv2_cimis.losses.lwf import LwFDistillationLoss
 from nnunetv2_cimis.losses.mib import UnbiasedDiceCELoss
 from nnunetv2_cimis.memory.step_memory import StepMemory
+from nnunetv2_cimis.training.incremental_trainer import StepContext
 from nnunetv2_cimis.training.trainers.mosinv import downsample_labels_like, nnUNetTrainerMOSInv
 
 
@@ -30,7 +32,6 @@ def stub_trainer(real_loss="dice_ce", n_old=3, **hp):
 
     tr._segmentation_loss = fake_segmentation_loss
     tr.device = torch.device("cpu")
-    tr._n_synthetic_in_batch = 0
     return tr
 
 
@@ -63,8 +64,8 @@ def test_compute_loss_splits_real_and_synthetic():
     for t in target:
         t[b:] = 7.0  # marks the synthetic samples
     teacher = [torch.randn(b + k, n_old, *s) for s in shapes]
-    ctx = type("Ctx", (), {"teacher_output": teacher})()
-    tr._n_synthetic_in_batch = k
+    ctx = StepContext(data=torch.zeros(b + k, 1), teacher_output=teacher, n_replayed=k)
+    tr.deep_supervision_weights = deep_supervision_weights(3)  # what nnU-Net's DeepSupervisionWrapper holds
     loss = tr.compute_loss(output, target, ctx)
     # DS weights for 3 scales: (1, 1/2, 0) / 1.5
     w = [2 / 3, 1 / 3, 0.0]
@@ -81,7 +82,8 @@ def test_compute_loss_without_synthetic_and_unbiased_real_loss():
     tr = stub_trainer(real_loss="unbiased")
     output = [torch.randn(2, 4, 4, 4, 4), torch.randn(2, 4, 2, 2, 2)]
     target = [torch.randint(0, 2, (2, 1, 4, 4, 4)).float() * 3, torch.randint(0, 2, (2, 1, 2, 2, 2)).float() * 3]
-    ctx = type("Ctx", (), {"teacher_output": None})()
+    ctx = StepContext(data=torch.zeros(2, 1), teacher_output=None)
+    tr.deep_supervision_weights = deep_supervision_weights(2)
     loss = tr.compute_loss(output, target, ctx)  # no synthetic sample: real loss only, teacher not needed
     expected = UnbiasedDiceCELoss(3)(output[0], target[0])  # 2 scales: weights (1, 0)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -92,10 +94,11 @@ def test_compute_loss_needs_teacher_output_for_kd():
     from nnunetv2_cimis.errors import CIMISError
 
     tr = stub_trainer()
-    tr._n_synthetic_in_batch = 1
+    tr.deep_supervision_weights = [1.0]
     output = [torch.randn(3, 4, 2, 2, 2)]
+    ctx = StepContext(data=torch.zeros(3, 1), teacher_output=None, n_replayed=1)
     with pytest.raises(CIMISError, match="teacher"):
-        tr.compute_loss(output, [torch.zeros(3, 1, 2, 2, 2)], type("Ctx", (), {"teacher_output": None})())
+        tr.compute_loss(output, [torch.zeros(3, 1, 2, 2, 2)], ctx)
 
 
 def test_synthetic_batch_flips_image_and_label_together():
