@@ -46,7 +46,7 @@ setup(
         # the diffusion replay of nnUNetTrainerDDCL (2D laparoscopy): pip install "nnunetv2-cimis[ddcl]"
         "ddcl": ["diffusers>=0.27"],
         # the test suite runs the DDCL tests too
-        "test": ["pytest", "diffusers>=0.27"],
+        "test": ["pytest", "pytest-xdist", "diffusers>=0.27"],
     },
     entry_points={
         "console_scripts": [
@@ -57,6 +57,7 @@ setup(
             "nnUNetv2_cimis_evaluate = nnunetv2_cimis.evaluation.evaluate:main",
             "nnUNetv2_cimis_predict = nnunetv2_cimis.submission.predict:main",
             "nnUNetv2_cimis_export = nnunetv2_cimis.submission.export:main",
+            "nnUNetv2_cimis_step_references = nnunetv2_cimis.training.validation:main",
             "nnUNetv2_cimis_phantom = nnunetv2_cimis.phantom.cli:main",
             "nnUNetv2_cimis_demo = nnunetv2_cimis.demo:main",
             "nnUNetv2_cimis_synthesize = nnunetv2_cimis.synthesis.inversion_cli:main",
