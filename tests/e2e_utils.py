@@ -73,3 +73,27 @@ def build_trainer(dataset: str, trainer_class, fold: int = 0, continue_training:
         dataset_json = json.load(f)
     return trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
                          device=torch.device("cpu"))
+
+
+class InProcessPool:
+    """Stands in for nnU-Net's spawn pools in tests: the same functions, run in this process (a spawn costs
+    seconds)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def starmap(self, fn, iterable):
+        return [fn(*args) for args in iterable]
+
+
+def in_process_multiprocessing():
+    """A stand-in for the ``multiprocessing`` module whose ``get_context(...).Pool`` is :class:`InProcessPool`."""
+    import types
+    context = types.SimpleNamespace(Pool=InProcessPool)
+    return types.SimpleNamespace(get_context=lambda method=None: context)

@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
+from e2e_utils import in_process_multiprocessing
 from nnunetv2_cimis.dataset_conversion import amos, btcv, common, dsad, flare21, flare22, kits19, kits23, msd, word
 from nnunetv2_cimis.errors import CIMISError
 
@@ -533,28 +534,12 @@ def test_dsad_missing_layout(tmp_path, raw):
 
 
 # ----------------------------------------------------------------------------------------------- nnU-Net check
-class _InProcessPool:
-    """Stands in for the spawn pool of verify_dataset_integrity (same checks, no process start-up)."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def starmap(self, fn, iterable):
-        return [fn(*a) for a in iterable]
-
-
 def test_nnunet_verify_dataset_integrity(tmp_path, raw, monkeypatch):
     """nnU-Net's own check (what --verify_dataset_integrity runs) passes on converted miniatures: 3D CT with
     imagesTs, KiTS23 regions, MSD multi-channel and the DSAD 2D PNG dataset with its ignore label."""
     import nnunetv2.experiment_planning.verify_dataset_integrity as vdi
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-    monkeypatch.setattr(vdi.multiprocessing, "get_context", lambda *a: type("Ctx", (), {"Pool": _InProcessPool}))
+    monkeypatch.setattr(vdi.multiprocessing, "get_context", in_process_multiprocessing().get_context)
     fab_btcv(tmp_path / "btcv")
     fab_kits23(tmp_path / "kits23")
     task, _ = fab_msd_prostate(tmp_path / "msd")

@@ -7,39 +7,18 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from e2e_utils import in_process_multiprocessing
 from nnunetv2_cimis.errors import CIMISError
 from nnunetv2_cimis.training.validation import SUMMARY_KEY, compose_step_reference, score_step_predictions
 
 OLD, NEW = [1, 2], [3]
 
 
-class _InProcessPool:
-    """Stands in for nnU-Net's spawn pools: the same functions, run in this process (a spawn costs seconds)."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def starmap(self, fn, iterable):
-        return [fn(*args) for args in iterable]
-
-
-class _InProcessContext:
-    Pool = _InProcessPool
-
-
 @pytest.fixture(autouse=True)
 def in_process_pools(monkeypatch):
-    import types
-
     import nnunetv2.evaluation.evaluate_predictions as ev
     import nnunetv2.postprocessing.remove_connected_components as pp
-    fake = types.SimpleNamespace(get_context=lambda method=None: _InProcessContext())
+    fake = in_process_multiprocessing()
     monkeypatch.setattr(ev, "multiprocessing", fake)
     monkeypatch.setattr(pp, "multiprocessing", fake)
 
