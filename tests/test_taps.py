@@ -1,11 +1,11 @@
-"""Tests of nnunetv2_cimis.features.taps: module paths, forward hooks, wrappers."""
+"""Tests of nnunetv2_cimis.networks.taps: module paths, forward hooks, wrappers."""
 import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
 from nnunetv2_cimis.errors import CIMISError
-from nnunetv2_cimis.features.taps import FeatureTaps, resolve_module, unwrap_network
+from nnunetv2_cimis.networks.taps import FeatureTaps, resolve_module, unwrap_network
 
 
 def _unet():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nnunetv2_cimis.errors import CIMISError
-from nnunetv2_cimis.features.taps import FeatureTaps
+from nnunetv2_cimis.networks.taps import FeatureTaps
 from nnunetv2_cimis.losses.deep_supervision import deep_supervision_weights
 from nnunetv2_cimis.losses.mib import UnbiasedDiceCELoss
 from nnunetv2_cimis.losses.pgcd import PrototypeGuidedCalibrationDistillation

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from nnunetv2_cimis.features.taps import FeatureTaps
+from nnunetv2_cimis.networks.taps import FeatureTaps
 from nnunetv2_cimis.losses.common import resize_labels_nearest
 from nnunetv2_cimis.memory.step_memory import StepMemory
 from nnunetv2_cimis.networks.norm_statistics import NormInputRecorder

@@ -37,7 +37,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_cimis.errors import CIMISError, exit_on_user_error
-from nnunetv2_cimis.features.taps import FeatureTaps
+from nnunetv2_cimis.networks.taps import FeatureTaps
 from nnunetv2_cimis.losses.common import check_batch_labels
 from nnunetv2_cimis.losses.deep_supervision import apply_over_scales
 from nnunetv2_cimis.memory.compute import DEFAULT_PROTOTYPE_TAP, compute_step_memory

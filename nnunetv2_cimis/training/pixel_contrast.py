@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from nnunetv2_cimis.errors import CIMISError
-from nnunetv2_cimis.features.taps import resolve_module
+from nnunetv2_cimis.networks.taps import resolve_module
 from nnunetv2_cimis.losses.common import resize_labels_nearest
 from nnunetv2_cimis.losses.contrastive import ClassMemoryQueue, CrossImagePixelContrastLoss, ProjectionHead
 
