@@ -50,7 +50,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "nnUNetv2_cimis_trainer_path = nnunetv2_cimis.cli:print_trainer_path",
+            "nnUNetv2_cimis_trainer_path = nnunetv2_cimis.trainer_folder:print_trainer_path",
             "nnUNetv2_cimis_make_scenario = nnunetv2_cimis.scenarios.make_scenario:main",
             "nnUNetv2_cimis_add_classes = nnunetv2_cimis.scenarios.add_classes:main",
             "nnUNetv2_cimis_step_memory = nnunetv2_cimis.memory.cli:main",

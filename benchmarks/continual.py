@@ -113,7 +113,7 @@ def main(argv=None):
             f.write(md)
         print(md)
     else:
-        from nnunetv2_cimis.cli import ensure_trainer_path
+        from nnunetv2_cimis.trainer_folder import ensure_trainer_path
         from nnunetv2_cimis.evaluation.evaluate import evaluate_scenario
         from nnunetv2_cimis.scenarios.datasets import dataset_name, require_env
         from nnunetv2_cimis.scenarios.step_metadata import read_step_info

@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import numpy as np
 import SimpleITK as sitk
 
-from nnunetv2_cimis.cli import add_version_argument
+from nnunetv2_cimis.command_options import add_version_argument
 from nnunetv2_cimis.errors import CIMISError
 from nnunetv2_cimis.integrity import check_file_complete
 from nnunetv2_cimis.scenarios.datasets import claim_dataset_id

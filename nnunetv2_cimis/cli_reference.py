@@ -142,7 +142,7 @@ def generate() -> str:
 
 
 def main(argv=None) -> None:
-    from nnunetv2_cimis.cli import add_version_argument
+    from nnunetv2_cimis.command_options import add_version_argument
     p = argparse.ArgumentParser(prog="python -m nnunetv2_cimis.cli_reference",
                                 description="Print the Markdown command-line reference (docs/cli.md).")
     add_version_argument(p)

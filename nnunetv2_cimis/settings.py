@@ -253,7 +253,7 @@ def cpu_nnunet_environment(root: str, epochs: int, iterations: int, val_iteratio
     * training length (``nnUNet_cimis_epochs``, ``_iterations``, ``_val_iterations``) and, when given,
       ``nnUNet_cimis_lr``; ``nnUNet_extTrainer`` lists the package's trainer folder.
     """
-    from nnunetv2_cimis.cli import trainer_path
+    from nnunetv2_cimis.trainer_folder import trainer_path
     root = os.path.abspath(root)
     env = {
         "nnUNet_raw": os.path.join(root, "raw"),

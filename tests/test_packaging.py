@@ -15,9 +15,10 @@ import pytest
 import setuptools
 
 import nnunetv2_cimis
-from nnunetv2_cimis.cli import version_string
+from nnunetv2_cimis.command_options import version_string
 from nnunetv2_cimis.cli_reference import capture_parser, generate, load_entry_point
 from nnunetv2_cimis.errors import CIMISError
+from nnunetv2_cimis.trainer_folder import trainer_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,8 +145,8 @@ def test_readme_appends_to_nnunet_ext_trainer(tmp_path):
     script = f'{line}\nprintf "%s" "$nnUNet_extTrainer"'
     exe_dir = os.path.dirname(shutil.which("nnUNetv2_cimis_trainer_path") or sys.executable)
     env = dict(os.environ, PATH=exe_dir + os.pathsep + os.environ["PATH"])
-    for before, expected in (("/other/trainers", "/other/trainers:" + nnunetv2_cimis.cli.trainer_path()),
-                             (None, nnunetv2_cimis.cli.trainer_path())):
+    for before, expected in (("/other/trainers", "/other/trainers:" + trainer_path()),
+                             (None, trainer_path())):
         env.pop("nnUNet_extTrainer", None)
         if before:
             env["nnUNet_extTrainer"] = before

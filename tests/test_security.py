@@ -233,7 +233,7 @@ def test_trainer_refuses_malicious_teacher_files(tiny_scenario, tmp_path, marker
     start, not after training)."""
     from e2e_utils import build_trainer
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2_cimis.cli import ensure_trainer_path
+    from nnunetv2_cimis.trainer_folder import ensure_trainer_path
     env, steps = tiny_scenario["env"], tiny_scenario["step_datasets"]
     fold = _copy_teacher(env, steps, tmp_path)
     path = write_malicious(os.path.join(fold, evil), marker)

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunetv2_cimis.cli import resolve_device
+from nnunetv2_cimis.command_options import resolve_device
 from nnunetv2_cimis.errors import CIMISError
 from nnunetv2_cimis.scenarios import make_scenario as ms
 

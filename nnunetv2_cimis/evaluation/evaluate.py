@@ -40,7 +40,7 @@ import sys
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from nnunetv2_cimis.cli import add_version_argument
+from nnunetv2_cimis.command_options import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.evaluation.report import FT_NEW_BOUND, JOINT_BOUND, write_report
 
@@ -108,7 +108,7 @@ def predict_cases(model_dir: str, fold: Union[int, str], images: List[List[str]]
     """
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2_cimis.cli import ensure_trainer_path
+    from nnunetv2_cimis.trainer_folder import ensure_trainer_path
 
     from nnunetv2_cimis.safe_load import check_checkpoint, torch_load_weights_only
 

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from nnunetv2_cimis.cli import add_version_argument, resolve_device
+from nnunetv2_cimis.command_options import add_version_argument, resolve_device
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.memory.compute import DEFAULT_PROTOTYPE_TAP
 

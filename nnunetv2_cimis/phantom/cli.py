@@ -13,7 +13,7 @@ import importlib
 import os
 from typing import List, Optional
 
-from nnunetv2_cimis.cli import add_version_argument
+from nnunetv2_cimis.command_options import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 
 KINDS = ("abdominal3d", "laparoscopic2d")

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from nnunetv2_cimis.cli import add_version_argument
+from nnunetv2_cimis.command_options import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.memory.step_memory import STEP_MEMORY_FILENAME
 from nnunetv2_cimis.naming import check_dataset_id, check_dataset_name, dataset_folder_name
@@ -85,7 +85,7 @@ def add_classes(model_folder: str, new_dataset: str, output_id: int, fold: str =
     ``device``: where the model's missing step memory is computed (``cuda``, ``cuda:N``, ``cpu``, ``mps``;
     default: the GPU when one is present, as nnU-Net, else the CPU).
     """
-    from nnunetv2_cimis.cli import resolve_device
+    from nnunetv2_cimis.command_options import resolve_device
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
 
     check_dataset_id(output_id, "-o/--output-id")

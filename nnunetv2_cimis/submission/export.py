@@ -29,7 +29,7 @@ import os
 import zipfile
 from typing import List, Optional, Sequence
 
-from nnunetv2_cimis.cli import add_version_argument
+from nnunetv2_cimis.command_options import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 
 STEP_FILES = ("step_memory.pth",)

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from typing import List, Optional, Sequence
 
-from nnunetv2_cimis.cli import add_version_argument
+from nnunetv2_cimis.command_options import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.safe_load import load_json_object
 from nnunetv2_cimis.submission.conventions import CHALLENGES, ChallengeConvention, find_inputs, get_convention
@@ -71,7 +71,8 @@ def run_predictor(model_folder: str, folds: tuple, inputs: List[List[str]], outp
     """nnU-Net's predictor on explicit file lists, every checkpoint checked and loaded weights-only."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunetv2_cimis.cli import ensure_trainer_path, resolve_device
+    from nnunetv2_cimis.command_options import resolve_device
+    from nnunetv2_cimis.trainer_folder import ensure_trainer_path
     from nnunetv2_cimis.safe_load import check_checkpoint, torch_load_weights_only
 
     ensure_trainer_path()

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from nnunetv2_cimis.cli import add_version_argument
+from nnunetv2_cimis.command_options import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.synthesis.inversion import InversionConfig
 from nnunetv2_cimis.synthesis.mask_augmentation import MaskAugmentation
@@ -131,7 +131,7 @@ def main(argv=None) -> None:
     if not memory.label_bank:
         raise CIMISError(f"The step memory of {os.path.dirname(ckpt)} holds no label patch to condition on; "
                          f"recompute it with nnUNetv2_cimis_step_memory.")
-    from nnunetv2_cimis.cli import ensure_trainer_path
+    from nnunetv2_cimis.trainer_folder import ensure_trainer_path
 
     ensure_trainer_path()  # so that a model trained with one of the package's trainers can be rebuilt
     if args.device is None:

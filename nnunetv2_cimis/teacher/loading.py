@@ -46,7 +46,7 @@ def teacher_results_name(trainer: str, teacher_step: int) -> str:
         return trainer
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    from nnunetv2_cimis.cli import ensure_trainer_path
+    from nnunetv2_cimis.trainer_folder import ensure_trainer_path
     ensure_trainer_path()
     try:
         trainer_class = recursive_find_trainer_class_by_name(trainer)
@@ -102,7 +102,7 @@ def load_teacher(checkpoint_path: str, device: torch.device) -> LoadedTeacher:
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunetv2_cimis.cli import ensure_trainer_path
+    from nnunetv2_cimis.trainer_folder import ensure_trainer_path
     ensure_trainer_path()  # the teacher may have been trained by one of the package's trainers
     fold_folder = os.path.dirname(os.path.abspath(checkpoint_path))
     model_folder = os.path.dirname(fold_folder)

@@ -5,7 +5,7 @@ import importlib
 import pkgutil
 from typing import Dict, List
 
-from nnunetv2_cimis.cli import TRAINER_FOLDER
+from nnunetv2_cimis.trainer_folder import TRAINER_FOLDER
 
 
 def package_trainers() -> Dict[str, type]:

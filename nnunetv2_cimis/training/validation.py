@@ -283,7 +283,7 @@ def build_parser():
         prog="nnUNetv2_cimis_step_references",
         description="Write the step references of trained models of a step dataset as nnUNet_raw / "
                     "nnUNet_preprocessed folders, for nnUNetv2_find_best_configuration (see docs/usage.md).")
-    from nnunetv2_cimis.cli import add_version_argument
+    from nnunetv2_cimis.command_options import add_version_argument
     add_version_argument(p)
     p.add_argument("dataset", help="dataset name or id (a step dataset)")
     p.add_argument("-tr", nargs="+", required=True, help="trainers (results folder names) to compare")

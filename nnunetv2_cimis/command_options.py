@@ -1,27 +1,10 @@
-"""Small shared command-line helpers: the trainer folder for ``nnUNet_extTrainer``, ``--version``, ``-device``."""
+"""The options every console command of the package shares: ``--version`` and ``-device``."""
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Optional
 
 from nnunetv2_cimis import __version__
-
-TRAINER_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nnunet_trainers")
-
-
-def trainer_path() -> str:
-    """The folder to list in ``nnUNet_extTrainer`` so nnU-Net finds the package's trainers."""
-    return TRAINER_FOLDER
-
-
-def ensure_trainer_path(env: dict = None) -> dict:
-    """Add the package's trainer folder to ``nnUNet_extTrainer`` in ``env`` (default: os.environ)."""
-    env = os.environ if env is None else env
-    current = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-    if TRAINER_FOLDER not in current:
-        env["nnUNet_extTrainer"] = os.pathsep.join(current + [TRAINER_FOLDER])
-    return env
 
 
 def version_string() -> str:
@@ -71,14 +54,3 @@ def resolve_device(name: Optional[str]):
         raise CIMISError(f"-device {name} was given but PyTorch sees no Apple MPS device: run with -device cpu")
     return device
 
-
-def print_trainer_path(argv=None):
-    """``nnUNetv2_cimis_trainer_path``: print the folder for ``export nnUNet_extTrainer=...``."""
-    p = argparse.ArgumentParser(
-        prog="nnUNetv2_cimis_trainer_path",
-        description="Print the folder that nnUNet_extTrainer must list so that nnUNetv2_train and nnUNetv2_predict "
-                    "find the package's trainers. Append it to an existing value: export "
-                    "nnUNet_extTrainer=\"${nnUNet_extTrainer:+$nnUNet_extTrainer:}$(nnUNetv2_cimis_trainer_path)\"")
-    add_version_argument(p)
-    p.parse_args(argv)
-    print(TRAINER_FOLDER)
