@@ -115,7 +115,7 @@ def main(argv=None):
     else:
         from nnunetv2_cimis.trainer_folder import ensure_trainer_path
         from nnunetv2_cimis.evaluation.evaluate import evaluate_scenario
-        from nnunetv2_cimis.scenarios.datasets import dataset_name, require_env
+        from nnunetv2_cimis.nnunet_folders import dataset_name, require_env
         from nnunetv2_cimis.scenarios.step_metadata import read_step_info
         from nnunetv2_cimis.training.registry import continual_trainers
         ensure_trainer_path()

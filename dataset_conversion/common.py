@@ -30,7 +30,7 @@ import SimpleITK as sitk
 from nnunetv2_cimis.command_options import add_version_argument
 from nnunetv2_cimis.errors import CIMISError
 from nnunetv2_cimis.integrity import check_file_complete
-from nnunetv2_cimis.scenarios.datasets import claim_dataset_id
+from nnunetv2_cimis.nnunet_folders import claim_dataset_id
 
 LABEL_MAP_DIR = Path(__file__).resolve().parent / "label_maps"
 PathLike = Union[str, os.PathLike]

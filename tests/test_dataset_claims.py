@@ -1,4 +1,4 @@
-"""One rule for taking a dataset id (nnunetv2_cimis.scenarios.datasets.dataset_id_taken / claim_dataset_id), used by
+"""One rule for taking a dataset id (nnunetv2_cimis.nnunet_folders.dataset_id_taken / claim_dataset_id), used by
 the phantoms, the converters, make_scenario and add_classes; one CPU nnU-Net environment for the demo and the
 tests (nnunetv2_cimis.settings.cpu_nnunet_environment)."""
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 
 from nnunetv2_cimis.errors import CIMISError
-from nnunetv2_cimis.scenarios.datasets import claim_dataset_id, dataset_id_taken
+from nnunetv2_cimis.nnunet_folders import claim_dataset_id, dataset_id_taken
 
 
 def test_the_rule(roots):

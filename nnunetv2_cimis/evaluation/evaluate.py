@@ -226,7 +226,7 @@ def evaluate_scenario(dataset: Union[int, str], configuration: str, plans: str, 
         CIMISError: environment not set, dataset without step metadata, bad test set, no trainer given, or
         none of the expected models exists. Missing models, when some exist, give a warning listing them.
     """
-    from nnunetv2_cimis.scenarios.datasets import dataset_name, require_env
+    from nnunetv2_cimis.nnunet_folders import dataset_name, require_env
     from nnunetv2_cimis.teacher.loading import model_folder_for
 
     trainers = list(dict.fromkeys(trainers))
@@ -382,7 +382,8 @@ def score_predictions(dataset: Union[int, str], predictions: str, output_dir: Op
 
     from nnunetv2_cimis.evaluation.surface import parse_tolerances, surface_metrics
     from nnunetv2_cimis.safe_load import load_json_object
-    from nnunetv2_cimis.scenarios.datasets import SegmentationIO, dataset_name, require_env
+    from nnunetv2_cimis.nnunet_folders import dataset_name, require_env
+    from nnunetv2_cimis.scenarios.datasets import SegmentationIO
     from nnunetv2_cimis.submission.labels import apply_mapping, label_mapping
 
     raw_root = require_env("nnUNet_raw")

@@ -32,7 +32,7 @@ def main(argv=None):
         model = args.model
     elif args.dataset:
         from nnunetv2.paths import nnUNet_results
-        from nnunetv2_cimis.scenarios.datasets import dataset_name
+        from nnunetv2_cimis.nnunet_folders import dataset_name
         model = model_folder_for(nnUNet_results.get(), dataset_name(args.dataset), args.tr, args.p, args.c)
     else:
         raise CIMISError("give the trained model folder with -m, or -d/-tr/-p/-c")

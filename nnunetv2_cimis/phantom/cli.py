@@ -56,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise CIMISError(f"-d must be in 1..999, got {args.dataset_id}")
     if args.num_cases < 1:
         raise CIMISError(f"-n must be >= 1, got {args.num_cases}")
-    from nnunetv2_cimis.scenarios.datasets import claim_dataset_id
+    from nnunetv2_cimis.nnunet_folders import claim_dataset_id
     claim_dataset_id(args.dataset_id, raw=raw, option="id with -d")
 
     if args.kind == "abdominal3d":

@@ -253,7 +253,7 @@ def write_laparoscopic_phantom(raw_folder: str, dataset_id: int, num_cases: int,
 
     folder_name = f"Dataset{int(dataset_id):03d}_{dataset_name}"
     os.makedirs(raw_folder, exist_ok=True)
-    from nnunetv2_cimis.scenarios.datasets import claim_dataset_id
+    from nnunetv2_cimis.nnunet_folders import claim_dataset_id
     claim_dataset_id(int(dataset_id), folder_name, overwrite, raw=raw_folder, overwrite_hint=" or pass overwrite=True")
     out = os.path.join(raw_folder, folder_name)
     if os.path.lexists(out):  # overwrite=True: replace this phantom

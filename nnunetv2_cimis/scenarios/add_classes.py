@@ -25,8 +25,8 @@ from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.memory.step_memory import STEP_MEMORY_FILENAME
 from nnunetv2_cimis.naming import check_dataset_id, check_dataset_name, dataset_folder_name
 from nnunetv2_cimis.safe_load import load_json_object
-from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, dataset_id_taken,
-                                               dataset_name, load_raw_dataset, plain_labels, require_env,
+from nnunetv2_cimis.nnunet_folders import dataset_id_taken, dataset_name, require_env
+from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, load_raw_dataset, plain_labels,
                                                sigterm_as_interrupt, write_label_dataset)
 from nnunetv2_cimis.scenarios.intensity import new_class_clipping
 from nnunetv2_cimis.scenarios.make_scenario import write_splits

@@ -25,9 +25,10 @@ from nnunetv2_cimis.naming import check_dataset_id, check_dataset_name, dataset_
 from nnunetv2_cimis.safe_load import load_json_object
 from nnunetv2_cimis.scenarios.intensity import (WindowSpec, fixed_window_properties, parse_intensity_window,
                                                 set_intensity_properties)
-from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, dataset_id_taken,
-                                               dataset_name, load_raw_dataset, plain_labels, raw_relative, remap,
-                                               require_env, sigterm_as_interrupt, staged_folder, write_label_dataset)
+from nnunetv2_cimis.nnunet_folders import dataset_id_taken, dataset_name, require_env
+from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, load_raw_dataset, plain_labels,
+                                               raw_relative, remap, sigterm_as_interrupt, staged_folder,
+                                               write_label_dataset)
 from nnunetv2_cimis.scenarios.scenario import load_sequences, parse_scenario, scenario_label
 from nnunetv2_cimis.scenarios.step_metadata import METADATA_KEY, make_metadata
 

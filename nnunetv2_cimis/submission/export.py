@@ -88,7 +88,7 @@ def export_model(dataset: str, output_file: str, configurations: Sequence[str] =
     from nnunetv2.model_sharing.model_export import export_pretrained_model
 
     from nnunetv2_cimis.naming import check_trainer_name
-    from nnunetv2_cimis.scenarios.datasets import dataset_name, require_env
+    from nnunetv2_cimis.nnunet_folders import dataset_name, require_env
 
     results = os.path.abspath(require_env("nnUNet_results"))
     if os.path.abspath(nnunetv2.paths.nnUNet_results or "") != results:

@@ -41,7 +41,7 @@ def resolve_model_folder(model: Optional[str], dataset: Optional[str], trainer: 
         if not dataset or not configuration:
             raise CIMISError("give the model folder with -m, or the dataset and configuration with -d and -c")
         from nnunetv2_cimis.naming import check_trainer_name
-        from nnunetv2_cimis.scenarios.datasets import dataset_name, require_env
+        from nnunetv2_cimis.nnunet_folders import dataset_name, require_env
         check_trainer_name(trainer, "-tr")
         folder = os.path.join(require_env("nnUNet_results"), dataset_name(dataset),
                               f"{trainer}__{plans}__{configuration}")

@@ -232,7 +232,7 @@ def write_reference_roots(dataset: str, model_folders: Sequence[str], folds: Seq
     from nnunetv2.utilities.file_path_utilities import convert_identifier_to_trainer_plans_config
 
     from nnunetv2_cimis.naming import check_dataset_folder
-    from nnunetv2_cimis.scenarios.datasets import require_env
+    from nnunetv2_cimis.nnunet_folders import require_env
     check_dataset_folder(dataset, "the dataset")
     roots = {k: os.path.join(os.path.abspath(output), k) for k in ("nnUNet_raw", "nnUNet_preprocessed")}
     labels = os.path.join(roots["nnUNet_raw"], dataset, "labelsTr")
@@ -300,7 +300,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     @cli_entry
     def run():
         from nnunetv2_cimis.naming import check_trainer_name
-        from nnunetv2_cimis.scenarios.datasets import dataset_name, require_env
+        from nnunetv2_cimis.nnunet_folders import dataset_name, require_env
         a = build_parser().parse_args(argv)
         name = dataset_name(a.dataset)
         models = []
