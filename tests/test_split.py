@@ -1,4 +1,4 @@
-"""Tests of the patient split and split files (scenarios.make_scenario) and of the label remapping and staged
+"""Tests of the patient split and split files (scenarios.splits) and of the label remapping and staged
 folders of scenarios.datasets."""
 import json
 import os
@@ -8,7 +8,7 @@ import pytest
 
 from nnunetv2_cimis.errors import CIMISError
 from nnunetv2_cimis.scenarios.datasets import remap, staged_folder
-from nnunetv2_cimis.scenarios.make_scenario import split_cases, write_splits
+from nnunetv2_cimis.scenarios.splits import split_cases, write_splits
 
 CASES = [f"case_{i:03d}" for i in range(20)]
 

@@ -29,7 +29,7 @@ from nnunetv2_cimis.nnunet_folders import dataset_id_taken, dataset_name, requir
 from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, load_raw_dataset, plain_labels,
                                                sigterm_as_interrupt, write_label_dataset)
 from nnunetv2_cimis.scenarios.intensity import new_class_clipping
-from nnunetv2_cimis.scenarios.make_scenario import write_splits
+from nnunetv2_cimis.scenarios.splits import write_splits
 from nnunetv2_cimis.scenarios.step_metadata import METADATA_KEY, make_metadata, read_step_info
 
 

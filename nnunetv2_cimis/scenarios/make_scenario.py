@@ -17,8 +17,6 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
-
 from nnunetv2_cimis.command_options import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.naming import check_dataset_id, check_dataset_name, dataset_folder_name
@@ -30,41 +28,10 @@ from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_read
                                                raw_relative, remap, sigterm_as_interrupt, staged_folder,
                                                write_label_dataset)
 from nnunetv2_cimis.scenarios.scenario import load_sequences, parse_scenario, scenario_label
+from nnunetv2_cimis.scenarios.splits import split_cases, write_splits
 from nnunetv2_cimis.scenarios.step_metadata import METADATA_KEY, make_metadata
 
 TEST_SET_FILENAME = "test_set.json"
-
-
-def split_cases(cases: Sequence[str], num_steps: int, test_fraction: float, seed: int,
-                min_per_step: int = 2) -> (List[List[str]], List[str]):
-    """Seeded, disjoint patient subsets: ``num_steps`` training subsets and a test set.
-
-    Raises CIMISError when a step would get fewer than ``min_per_step`` cases.
-    """
-    if not 0 < test_fraction < 1:
-        raise CIMISError(f"--test-fraction must be in (0, 1), got {test_fraction}")
-    order = list(np.random.RandomState(seed).permutation(sorted(cases)))
-    n_test = max(1, int(round(test_fraction * len(order))))
-    test, rest = order[:n_test], order[n_test:]
-    if len(rest) < num_steps * min_per_step:
-        raise CIMISError(
-            f"The dataset has {len(cases)} cases: {n_test} go to the test set and {len(rest)} remain for {num_steps} "
-            f"steps, but every step needs at least {min_per_step} cases (one to train, one to validate). Use a "
-            f"larger dataset, fewer steps or a smaller --test-fraction.")
-    subsets = [list(map(str, s)) for s in np.array_split(np.array(rest, dtype=object), num_steps)]
-    return [sorted(s) for s in subsets], sorted(map(str, test))
-
-
-def write_splits(preprocessed_folder: str, cases: Sequence[str], seed: int = 12345) -> None:
-    """nnU-Net's 5-fold split when there are at least 5 cases, else one fold holding out one case."""
-    from nnunetv2.utilities.crossval_split import generate_crossval_split
-    cases = sorted(cases)
-    if len(cases) >= 5:
-        splits = generate_crossval_split(cases, seed=seed, n_splits=5)
-    else:
-        splits = [{"train": cases[:-1], "val": cases[-1:]}]
-    with open(os.path.join(preprocessed_folder, "splits_final.json"), "w") as f:
-        json.dump(splits, f, indent=2)
 
 
 def check_features_per_stage(features_per_stage: Optional[Sequence[int]]) -> Optional[List[int]]:
