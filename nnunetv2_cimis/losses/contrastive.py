@@ -5,7 +5,7 @@ Contrast for Semantic Segmentation", ICCV 2021. Used by the diffusion-driven dis
 X. Zhao et al., "Diffusion-driven distillation and contrastive learning for class-incremental semantic
 segmentation of laparoscopic images", IJCARS 2025 (see docs/methods_ddcl.md).
 
-What is taken from the ICCV 2021 paper [known]: a projection head maps decoder features to L2-normalised
+What is taken from the ICCV 2021 paper, as it states it: a projection head maps decoder features to L2-normalised
 pixel embeddings; class-wise memory queues keep pixel embeddings of earlier images, so an anchor is
 contrasted with pixels of other images; the loss is the supervised InfoNCE of their Eq. 2 with
 temperature 0.07,

@@ -5,8 +5,8 @@
   probabilities, averaged over the foreground classes 1..K-1 and per image (*choice*: background left out of
   the Dice, as nnU-Net does).
 * Auxiliary terms, on every intermediate transformer prediction (log-probabilities ``(B, K, x, y[, z])``
-  at their own, usually lower, resolution): ``aux_weight`` (0.05, [known]) times (cross-entropy + soft Dice on
-  the probabilities over the foreground classes); the target is resized nearest-neighbour to each
+  at their own, usually lower, resolution): ``aux_weight`` (0.05, the official code's) times (cross-entropy +
+  soft Dice on the probabilities over the foreground classes); the target is resized nearest-neighbour to each
   prediction. The terms are summed over the intermediate predictions (*choice*: the official code supervises
   two of them, the last layer of each of the two finest transformer scales, with 0.05 x their mean; here every
   layer's prediction feeds the next layer's purity filter, so every one is supervised; docs/methods_iapl.md).

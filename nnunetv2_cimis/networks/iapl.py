@@ -320,16 +320,16 @@ class IAPLNetwork(nn.Module):
             ``ResidualEncoderUNet``, ...): it must have ``encoder`` (returning skips) and ``decoder``
             (``stages``, ``transpconvs``, ``deep_supervision``). Its ``encoder`` and ``decoder`` are reused.
         num_classes: ``K`` outputs (background included), ``>= 2``.
-        num_queries: common prototypes (32, [known]).
-        layers_per_scale: transformer layers per decoder scale (2, [known]).
-        num_transformer_scales: decoder scales used by the transformer (3, [known]); the finest decoder stages
+        num_queries: common prototypes (32, the paper's).
+        layers_per_scale: transformer layers per decoder scale (2, the paper's).
+        num_transformer_scales: decoder scales used by the transformer (3, the paper's); the finest decoder stages
             below full resolution, coarse to fine; fewer if the U-Net has fewer (at least the full-resolution
             stage when it is the only one).
         embed_dim: width of pixel embeddings (128, as the official code).
         num_heads: query self-attention heads (8, kMaX-DeepLab); must divide the query width, which is the
             channel count of the coarsest transformer scale.
         ffn_expansion: query FFN width factor (4, *choice*).
-        head_channels: width of the dynamic heads (8, [known]).
+        head_channels: width of the dynamic heads (8, the paper's).
         prototype_embedding_dim: width of the projected instance prototype and class embedding (128,
             *choice*; official 256).
         purity_threshold_start, purity_threshold_end, purity_ramp_fraction: filtering threshold schedule

@@ -1,10 +1,10 @@
 """MOSInversion trainer: replay of synthetic old-class volumes made by mask-conditioned DeepInversion.
 
-Kim et al., Comput. Biol. Med. 2025 (seed 002). At the start of a step t > 0 the trainer obtains a set of
-synthetic volumes from the teacher (:mod:`nnunetv2_cimis.synthesis.inversion`: Gaussian start, Adam on the
-image only, Dice against an augmented label patch of the earlier step + feature-statistics matching against
-the teacher's step memory + TV priors; the teacher's argmax is the label). Every training batch of ``B`` real
-patches is then extended by ``k = max(1, round(synthetic_ratio * B))`` synthetic ones (random flips), and
+Kim, Lee, Shin, Kim, Park, "MOSInversion: Knowledge distillation-based incremental learning in organ segmentation
+using DeepInversion", Comput. Biol. Med. 2025. At the start of a step t > 0 the trainer gets synthetic volumes from the
+teacher (:mod:`nnunetv2_cimis.synthesis.inversion`: Adam on the image from Gaussian noise, Dice to an augmented label
+patch of an earlier step + the teacher's step-memory feature statistics + TV priors; labels: the teacher's argmax).
+Each batch of ``B`` real patches gets ``k = max(1, round(synthetic_ratio * B))`` synthetic ones (random flips), and
 
     L = L_real(z[:B], y[:B]) + synthetic_seg_weight * DiceCE(z[B:], y_teacher[B:])
         + kd_weight * sum_s w_s LwF-KD(z_s[B:], z_s^teacher[B:])
