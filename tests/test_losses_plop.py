@@ -7,6 +7,7 @@ import pytest
 import torch
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
+from nnunetv2_cimis.losses.deep_supervision import deep_supervision_weights
 from nnunetv2_cimis.losses.plop import (LocalPOD, PLOPDistillationLoss, PLOPPseudoLabeller, PseudoLabelDiceCELoss,
                                         normalized_entropy, region_splits, sum_new_logits_into_background)
 
@@ -142,11 +143,17 @@ def test_plop_distillation_combines_maps_as_plop():
                       + 1 / 3 * _ref_pod(merged[1], z_t[1], counts((2, 2, 2))))
     exp = math.sqrt(4 / 1) * (feat + logit) / 3  # n_total = 4 channels, one new class, 2 maps + logits
     loss = PLOPDistillationLoss(n_old=3, n_total=4)([torch.tensor(x) for x in f_s], [torch.tensor(x) for x in f_t],
-                                                    [torch.tensor(x) for x in z_s], [torch.tensor(x) for x in z_t])
+                                                    [torch.tensor(x) for x in z_s], [torch.tensor(x) for x in z_t],
+                                                    scale_weights=deep_supervision_weights(3))
     assert loss.item() == pytest.approx(exp, rel=1e-6)
     no_logits = PLOPDistillationLoss(3, 4, class_schedule=False)([torch.tensor(x) for x in f_s],
                                                                  [torch.tensor(x) for x in f_t])
     assert no_logits.item() == pytest.approx(feat / 2, rel=1e-6)
+    only_second = PLOPDistillationLoss(3, 4)([torch.tensor(x) for x in f_s], [torch.tensor(x) for x in f_t],
+                                             [torch.tensor(x) for x in z_s], [torch.tensor(x) for x in z_t],
+                                             scale_weights=[0.0, 1.0, 0.0])  # the weights given are the ones used
+    exp_second = math.sqrt(4 / 1) * (feat + 0.0005 * _ref_pod(merged[1], z_t[1], counts((2, 2, 2)))) / 3
+    assert only_second.item() == pytest.approx(exp_second, rel=1e-6)
 
 
 def test_plop_distillation_bad_args():
@@ -161,6 +168,8 @@ def test_plop_distillation_bad_args():
         loss([], [])
     with pytest.raises(ValueError, match="channels"):
         loss([], [], [torch.randn(1, 4, 2, 2)], [torch.randn(1, 2, 2, 2)])
+    with pytest.raises(ValueError, match="scale_weights"):  # several scales: nnU-Net's weights must be given
+        loss([], [], [torch.randn(1, 3, 2, 2)] * 2, [torch.randn(1, 2, 2, 2)] * 2)
 
 
 # ---------------------------------------------------------------- entropy and pseudo-labels

@@ -6,7 +6,9 @@ set to 0, normalised to sum 1. Every incremental loss that acts on logits (disti
 pseudo-labelled segmentation) uses the same weights through :func:`apply_over_scales`, so that old and new
 knowledge are balanced the same way at every scale as nnU-Net balances its own loss.
 
-This module has no nnU-Net import: the weights are recomputed here with nnU-Net's formula.
+The trainers take the weights from nnU-Net's own ``DeepSupervisionWrapper`` (the base trainer's
+``deep_supervision_weights``) and pass them in. This module has no nnU-Net import:
+:func:`deep_supervision_weights` recomputes them with nnU-Net's formula for unit tests and standalone use.
 """
 from __future__ import annotations
 

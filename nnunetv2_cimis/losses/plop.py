@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2_cimis.losses.common import check_label_range, check_logits, labels_to_index
-from nnunetv2_cimis.losses.deep_supervision import apply_over_scales, deep_supervision_weights
+from nnunetv2_cimis.losses.deep_supervision import apply_over_scales
 from nnunetv2_cimis.losses.dice import soft_dice_loss
 
 __all__ = ["region_splits", "LocalPOD", "sum_new_logits_into_background", "PLOPDistillationLoss",
@@ -220,12 +220,17 @@ class PLOPDistillationLoss(nn.Module):
         class_schedule: multiply by ``sqrt(n_total / n_new)`` (PLOP's ``use_pod_schedule``; its
             ``nb_current_classes`` counts background). Default True.
 
-    Inputs of ``forward(student_features, teacher_features, student_logits=None, teacher_logits=None)``:
+    Inputs of ``forward(student_features, teacher_features, student_logits=None, teacher_logits=None,
+    scale_weights=None)``:
         lists of ``(B, C_l, ...)`` feature maps (same shapes pairwise) and lists over deep-supervision
-        scales of logits: student ``(B, n_total, ...)``, teacher ``(B, n_old, ...)``.
+        scales of logits: student ``(B, n_total, ...)``, teacher ``(B, n_old, ...)``. ``scale_weights``: one
+        weight per logit scale, nnU-Net's deep-supervision weights ``w_s`` (the trainer passes those of nnU-Net's
+        ``DeepSupervisionWrapper``, the base trainer's ``deep_supervision_weights``); required with more than
+        one scale (a single scale has weight 1).
 
     Raises:
-        ValueError: bad arguments, list lengths that differ, nothing to distil.
+        ValueError: bad arguments, list lengths that differ, several logit scales without ``scale_weights``,
+            nothing to distil.
     """
 
     def __init__(self, n_old: int, n_total: int, feature_weight: float = 0.01, logits_weight: float = 0.0005,
@@ -249,7 +254,8 @@ class PLOPDistillationLoss(nn.Module):
 
     def forward(self, student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
                 student_logits: Optional[Sequence[torch.Tensor]] = None,
-                teacher_logits: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+                teacher_logits: Optional[Sequence[torch.Tensor]] = None,
+                scale_weights: Optional[Sequence[float]] = None) -> torch.Tensor:
         if len(student_features) != len(teacher_features):
             raise ValueError(f"{len(student_features)} student feature maps but {len(teacher_features)} teacher ones")
         if (student_logits is None) != (teacher_logits is None):
@@ -265,7 +271,11 @@ class PLOPDistillationLoss(nn.Module):
         if use_logits:
             if not isinstance(student_logits, (list, tuple)):
                 student_logits, teacher_logits = [student_logits], [teacher_logits]
-            weights = deep_supervision_weights(len(student_logits))
+            if scale_weights is None:
+                if len(student_logits) != 1:
+                    raise ValueError(f"{len(student_logits)} logit scales: give scale_weights, nnU-Net's "
+                                     f"deep-supervision weights (the trainer's deep_supervision_weights)")
+                scale_weights = [1.0]
 
             def logit_pod(zs, zt):
                 if zt.shape[1] != self.n_old or zs.shape[1] != self.n_total:
@@ -273,7 +283,7 @@ class PLOPDistillationLoss(nn.Module):
                                      f"(teacher) channels, got {tuple(zs.shape)} and {tuple(zt.shape)}")
                 return self.pod(sum_new_logits_into_background(zs, self.n_old), zt)
 
-            term = self.logits_weight * apply_over_scales(logit_pod, weights, list(student_logits),
+            term = self.logits_weight * apply_over_scales(logit_pod, list(scale_weights), list(student_logits),
                                                           list(teacher_logits))
             total = term if total is None else total + term
         return total * self.schedule_factor / n_maps

@@ -143,6 +143,6 @@ class nnUNetTrainerPLOP(nnUNetTrainerIncremental):
         seg = self.over_scales(pseudo_dice_ce, output, target, ctx.teacher_output)
         pod = self.pod_loss([ctx.student_features[k] for k in self.pod_tap_names],
                             [ctx.teacher_features[k] for k in self.pod_tap_names],
-                            output, ctx.teacher_output)
+                            output, ctx.teacher_output, scale_weights=self.deep_supervision_weights)
         self.record_loss_terms(segmentation=seg, pod=pod)
         return seg + pod
