@@ -82,3 +82,22 @@ def claim_dataset_id(dataset_id: int, folder_name: Optional[str] = None, overwri
     label = next((lbl for lbl, r in _nnunet_roots(raw) if os.path.abspath(r) == os.path.abspath(root)), root)
     raise CIMISError(f"dataset id {dataset_id} is already taken: already used in {label}: {entry}; choose another "
                      f"{option} or remove that folder")
+
+
+def claim_raw_dataset_folder(raw_folder: str, dataset_id: int, name: str, overwrite: bool = False,
+                             name_option: str = "dataset_name (--name)") -> str:
+    """``raw_folder/DatasetXXX_name`` for a generator that writes a whole raw dataset (the phantoms): ``name``
+    checked (``name_option`` is how the user gives it), the id claimed by :func:`claim_dataset_id`, and, with
+    ``overwrite``, the generator's own earlier folder of that name removed (any other folder with the id is
+    refused). ``raw_folder`` is created; the returned dataset folder is not."""
+    import shutil
+
+    from nnunetv2_cimis.naming import check_dataset_name
+    check_dataset_name(name, name_option)
+    folder_name = f"Dataset{int(dataset_id):03d}_{name}"
+    os.makedirs(raw_folder, exist_ok=True)
+    claim_dataset_id(int(dataset_id), folder_name, overwrite, raw=raw_folder, overwrite_hint=" or pass overwrite=True")
+    out = os.path.join(raw_folder, folder_name)
+    if os.path.lexists(out):  # overwrite=True: replace this generator's dataset
+        shutil.rmtree(out)
+    return out

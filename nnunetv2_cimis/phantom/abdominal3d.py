@@ -277,17 +277,8 @@ def write_abdominal_phantom(raw_folder: str, dataset_id: int, num_cases: int,
     if len(spacing) != 3 or min(spacing) <= 0:
         raise CIMISError(f"spacing must be three positive numbers (z, y, x), got {spacing}")
     organs = _check_organs(organs)
-    from nnunetv2_cimis.naming import check_dataset_name
-    check_dataset_name(dataset_name, "dataset_name (--name)")
-
-    folder_name = f"Dataset{int(dataset_id):03d}_{dataset_name}"
-    os.makedirs(raw_folder, exist_ok=True)
-    from nnunetv2_cimis.nnunet_folders import claim_dataset_id
-    claim_dataset_id(int(dataset_id), folder_name, overwrite, raw=raw_folder, overwrite_hint=" or pass overwrite=True")
-    out = os.path.join(raw_folder, folder_name)
-    if os.path.lexists(out):  # overwrite=True: replace this phantom
-        import shutil
-        shutil.rmtree(out)
+    from nnunetv2_cimis.nnunet_folders import claim_raw_dataset_folder
+    out = claim_raw_dataset_folder(raw_folder, int(dataset_id), dataset_name, overwrite)
     os.makedirs(os.path.join(out, "imagesTr"))
     os.makedirs(os.path.join(out, "labelsTr"))
 
