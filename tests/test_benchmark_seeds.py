@@ -33,3 +33,12 @@ def test_mean_and_sample_std_over_seeds():
 def test_one_seed_has_zero_spread():
     agg = continual.aggregate_seeds({3: _summary(0.5, 0.5, 0.5, 0.0, 0.0, 0.9)}, {3: 1.0})
     assert agg["trainers"]["M"]["new"] == {"mean": 0.5, "std": 0.0, "n": 1}
+
+
+def test_incremental_lr_reads_nnunet_pseudo_dice_lines():
+    import incremental_lr
+    line = "2026-12-01 15:16:46.110700: Pseudo dice [np.float32(nan), np.float32(nan), np.float32(0.1854)] \n"
+    values = incremental_lr.parse_pseudo_dice(line)
+    assert math.isnan(values[0]) and math.isnan(values[1]) and values[2] == pytest.approx(0.1854)
+    assert incremental_lr.parse_pseudo_dice("Pseudo dice [0.5, 0.25]") == [0.5, 0.25]
+    assert incremental_lr.parse_pseudo_dice("2026-12-01: train_loss -0.5") is None
