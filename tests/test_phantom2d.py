@@ -44,6 +44,24 @@ def test_structures_differ_in_colour():
     assert np.mean(means["liver"], 0).sum() < np.mean(means["stomach"], 0).sum()  # liver is darker
 
 
+def test_every_structure_stands_out_in_colour():
+    """The 2D demo needs every structure learnable: mean colours (measured in frames, light fall-off included)
+    pairwise at least 30 grey levels apart and from the background's; the ureter several pixels wide."""
+    pixels = {}
+    for i in range(12):
+        img, lab, labels = make_laparoscopic_frame((64, 64), 2, i, presence=1.0, noise_std=0.0)
+        for name, v in labels.items():
+            pixels.setdefault(name, []).append(img[lab == v].astype(float))
+    means = {name: np.concatenate(p).mean(0) for name, p in pixels.items()}
+    assert set(means) == {"background", *STRUCTURES}
+    names = sorted(means)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert np.linalg.norm(means[a] - means[b]) >= 30, (a, b, means[a], means[b])
+    _, lab, labels = make_laparoscopic_frame((64, 64), 2, 0, structures=["ureter"], presence=1.0)
+    assert (lab == 1).sum() >= 64 * 3  # a tube crossing the frame, at least 3 pixels wide
+
+
 def test_sparsify_keeps_k_structures():
     lab = np.array([[0, 1, 2], [3, 3, 1]], dtype=np.uint8)
     out = sparsify_annotation(lab, 2, np.random.default_rng(0))
@@ -102,3 +120,34 @@ def test_phantom_cli_writes_2d_dataset(tmp_path, monkeypatch):
     main(["-d", "954", "-n", "2", "--kind", "laparoscopic2d", "--shape", "24", "20"])
     img = np.array(Image.open(tmp_path / "Dataset954_LaparoscopicPhantom" / "imagesTr" / "lap_001_0000.png"))
     assert img.shape == (24, 20, 3)
+
+
+def test_demo_kind_draws_every_structure_in_every_frame(tmp_path, monkeypatch):
+    """The 2D demo: a scenario over all six structures, nnU-Net's default width, and a phantom with every
+    structure in every frame (absent classes scored 0 for a few false-positive pixels, docs/benchmarks.md)."""
+    from nnunetv2_cimis import demo
+    from nnunetv2_cimis.phantom import laparoscopic2d
+    from nnunetv2_cimis.scenarios.scenario import parse_scenario
+    k = demo.KINDS["laparoscopic2d"]
+    groups = parse_scenario(k.scenario, list(STRUCTURES))
+    assert len(groups) == k.num_steps and sorted(sum(groups, [])) == sorted(STRUCTURES)
+    assert k.configuration == "2d" and k.features[0] == 32 and k.step0_trainer == "nnUNetTrainerDDCL"
+    assert {"nnUNetTrainerFT", "nnUNetTrainerMiB", "nnUNetTrainerDDCL"} <= set(k.default_trainers)
+    seen = {}
+
+    class Written(Exception):
+        pass
+
+    def fake_writer(*args, **kwargs):
+        seen.update(kwargs, num_cases=args[2])
+        raise Written
+
+    monkeypatch.setattr(laparoscopic2d, "write_laparoscopic_phantom", fake_writer)
+    saved = dict(os.environ)  # run_demo exports its nnU-Net folders before writing the phantom
+    try:
+        with pytest.raises(Written):
+            demo.run_demo(str(tmp_path / "out"), kind="laparoscopic2d")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert seen["presence"] == 1.0 and seen["num_cases"] == k.cases and tuple(seen["shape"]) == k.shape
