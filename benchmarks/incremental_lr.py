@@ -57,7 +57,7 @@ def _step_dataset(nnunet_root: str, step: int) -> str:
 
 
 def run(demo: str, output: str, trainer: str, lr: float, nominal_epochs: int, max_epochs: int,
-        iterations: int, target: float, step0_trainer: str = "nnUNetTrainerFT") -> dict:
+        iterations: int, target: float) -> dict:
     from nnunetv2_cimis.settings import cpu_nnunet_environment
     root = os.path.join(os.path.abspath(demo), "nnunet")
     step0, step1 = _step_dataset(root, 0), _step_dataset(root, 1)
@@ -66,10 +66,8 @@ def run(demo: str, output: str, trainer: str, lr: float, nominal_epochs: int, ma
     if os.path.exists(results):
         raise CIMISError(f"{results} exists; choose another --output")
     env = dict(os.environ)
-    env.update(cpu_nnunet_environment(os.path.join(os.path.abspath(output), "_unused"), nominal_epochs,
-                                      iterations, 2, lr))
-    env.update({"nnUNet_raw": os.path.join(root, "raw"), "nnUNet_preprocessed": os.path.join(root, "preprocessed"),
-                "nnUNet_results": results})
+    env.update(cpu_nnunet_environment(root, nominal_epochs, iterations, 2, lr))  # the demo's raw / preprocessed
+    env["nnUNet_results"] = results
     os.makedirs(results)
     os.symlink(os.path.join(root, "results", step0), os.path.join(results, step0))
     plans = os.path.basename(glob.glob(os.path.join(root, "preprocessed", step1, "*Plans*.json"))[0])[:-5]
