@@ -22,20 +22,23 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from nnunetv2_cimis.errors import cli_entry
 
-FIGURES = ("old", "new", "all", "mean_forgetting", "bwt")
+FIGURES = ("old", "new", "all", "mean_forgetting", "bwt", "old_kept")
+COMPARE_FIGURES = ("old", "new", "all")
 
 
 def _final(summary: dict, trainer: str) -> Dict[str, float]:
-    """A trainer's final-step old / new / all Dice, mean forgetting and BWT from a summary.json."""
+    """A trainer's final-step old / new / all Dice, mean forgetting, BWT and old classes kept (final-step old Dice
+    / the joint model's Dice on the same classes, the report's "at a glance") from a summary.json."""
     steps = summary["mean_dice"][trainer]
     final = steps[str(max(int(k) for k in steps))]
     out = {k: final.get(k) for k in ("old", "new", "all")}
     out["mean_forgetting"] = summary.get("mean_forgetting", {}).get(trainer)
     out["bwt"] = summary.get("bwt", {}).get(trainer)
+    out["old_kept"] = (summary.get("at_a_glance") or {}).get(trainer, {}).get("old_kept")
     return {k: (float(v) if v is not None else float("nan")) for k, v in out.items()}
 
 
@@ -61,17 +64,79 @@ def aggregate_seeds(summaries: Dict[int, dict], wall_s: Dict[int, float]) -> dic
             "joint_trainer": next((s.get("joint_trainer") for s in summaries.values()), None)}
 
 
-def seeds_markdown(agg: dict) -> str:
+def paired_differences(agg: dict, reference: str) -> Dict[str, Dict[str, dict]]:
+    """``reference`` minus every other continual trainer, seed by seed, for :data:`COMPARE_FIGURES`.
+
+    Within a seed every trainer starts from the same phantom, patient split and step-0 model, so the per-seed
+    difference removes what the seeds share; its mean +- sample std over seeds is set against the seed-to-seed
+    spread (sample std) of the two trainers' own figures. Returns ``{other: {figure: {"mean", "std", "n",
+    "higher", "spread"}}}``, where ``higher`` counts the seeds in which ``reference`` is higher and ``spread`` is the
+    larger of the two trainers' std over seeds.
+    """
+    rows = agg["trainers"]
+    if reference not in rows:
+        return {}
+    ref = rows[reference]["per_seed"]
+    out = {}
+    for other, row in rows.items():
+        if other in (reference, agg.get("joint_trainer")):
+            continue
+        out[other] = {}
+        for f in COMPARE_FIGURES:
+            diffs = [ref[s][f] - row["per_seed"][s][f] for s in ref if s in row["per_seed"]]
+            diffs = [d for d in diffs if not math.isnan(d)]
+            m, sd, n = _mean_std(diffs)
+            spread = max(rows[reference][f]["std"], row[f]["std"])
+            out[other][f] = {"mean": m, "std": sd, "n": n, "higher": sum(d > 0 for d in diffs), "spread": spread}
+    return out
+
+
+def seeds_markdown(agg: dict, compare: Optional[str] = None) -> str:
+    """The multi-seed table; with ``compare``, also ``compare`` minus every other trainer, paired by seed."""
     def cell(d):
         return "n/a" if math.isnan(d["mean"]) else f"{d['mean']:.3f} +- {d['std']:.3f}"
-    lines = [f"Seeds {agg['seeds']}; mean +- sample std over seeds of the final step (NaN seeds left out).", "",
-             "| trainer | old | new | all | mean forgetting | BWT |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"Seeds {agg['seeds']}; mean +- sample std over seeds of the final step (NaN seeds left out). "
+             "old kept = final old-class Dice / the joint model's Dice on the same classes.", "",
+             "| trainer | old | new | all | mean forgetting | BWT | old kept |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for t, row in agg["trainers"].items():
         name = f"{t} (joint, upper bound)" if t == agg.get("joint_trainer") else t
         lines.append(f"| {name} | " + " | ".join(cell(row[f]) for f in FIGURES) + " |")
-    walls = [f"seed {k}: {v / 60:.1f} min" for k, v in sorted(agg["wall_s"].items())]
+    walls = [f"seed {k}: {v / 60:.1f} min" if v is not None else f"seed {k}: not recorded"
+             for k, v in sorted(agg["wall_s"].items())]
     lines += ["", "Wall time per seed: " + ", ".join(walls)]
+    diffs = paired_differences(agg, compare) if compare else {}
+    if diffs:
+        n = len(agg["seeds"])
+        lines += ["", f"{compare} minus each trainer, paired by seed (same phantom, split and step-0 model): mean +- "
+                  f"sample std of the per-seed difference; [k/{n}] = seeds in which {compare} is higher; spread = "
+                  "the larger of the two trainers' std over seeds.", "",
+                  "| trainer | old (spread) | new (spread) | all (spread) |", "| --- | --- | --- | --- |"]
+        for other, figs in diffs.items():
+            cells = [f"{d['mean']:+.3f} +- {d['std']:.3f} [{d['higher']}/{d['n']}] ({d['spread']:.3f})"
+                     if d["n"] else "n/a" for d in (figs[f] for f in COMPARE_FIGURES)]
+            lines.append(f"| {other} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _existing_seeds(output: str, seeds: Sequence[int]) -> (Dict[int, dict], Dict[int, Optional[float]]):
+    """The summaries of finished seeds in ``output`` and their wall times from an earlier seeds_summary.json."""
+    from nnunetv2_cimis.errors import CIMISError
+    earlier = os.path.join(output, "seeds_summary.json")
+    walls_before = {}
+    if os.path.isfile(earlier):
+        with open(earlier) as f:
+            walls_before = json.load(f).get("wall_s", {})
+    summaries, walls = {}, {}
+    for seed in seeds:
+        path = os.path.join(output, f"seed_{int(seed)}", "summary.json")
+        if not os.path.isfile(path):
+            raise CIMISError(f"--aggregate-only: {path} does not exist; run that seed first or leave it out of "
+                             "--seeds.")
+        with open(path) as f:
+            summaries[seed] = json.load(f)
+        walls[seed] = walls_before.get(str(seed))
+    return summaries, walls
 
 
 @cli_entry
@@ -95,10 +160,18 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--skip-step0", action="store_true", help="step 0 is already trained (nnUNetTrainerFT)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--compare", default="nnUNetTrainerPGCDDAPD",
+                   help="phantom scenario: the trainer set against every other one, paired by seed "
+                        "(default: %(default)s; '' for none)")
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="phantom scenario: train nothing; aggregate the seed_<S>/summary.json already in --output "
+                        "(wall times from an earlier seeds_summary.json there, if any)")
     a = p.parse_args(argv)
     if a.dataset is None:
         summaries, walls = {}, {}
-        for seed in a.seeds:
+        if a.aggregate_only:
+            summaries, walls = _existing_seeds(a.output, a.seeds)
+        for seed in ([] if a.aggregate_only else a.seeds):
             t0 = time.time()
             summaries[seed] = run_demo(os.path.join(a.output, f"seed_{seed}"), a.trainers or ["all"], a.kind,
                                        a.cases, a.epochs, a.epochs_step0, a.iterations, a.epochs_joint, a.jobs,
@@ -108,7 +181,7 @@ def main(argv=None):
         os.makedirs(a.output, exist_ok=True)
         with open(os.path.join(a.output, "seeds_summary.json"), "w") as f:
             json.dump(result, f, indent=2, default=lambda v: None)
-        md = seeds_markdown(result)
+        md = seeds_markdown(result, a.compare or None)
         with open(os.path.join(a.output, "seeds_table.md"), "w") as f:
             f.write(md)
         print(md)
