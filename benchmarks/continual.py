@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from nnunetv2_cimis.errors import cli_entry
+from nnunetv2_cimis.errors import CIMISError, cli_entry
 
 FIGURES = ("old", "new", "all", "mean_forgetting", "bwt", "old_kept")
 COMPARE_FIGURES = ("old", "new", "all")
@@ -121,7 +121,6 @@ def seeds_markdown(agg: dict, compare: Optional[str] = None) -> str:
 
 def _existing_seeds(output: str, seeds: Sequence[int]) -> (Dict[int, dict], Dict[int, Optional[float]]):
     """The summaries of finished seeds in ``output`` and their wall times from an earlier seeds_summary.json."""
-    from nnunetv2_cimis.errors import CIMISError
     earlier = os.path.join(output, "seeds_summary.json")
     walls_before = {}
     if os.path.isfile(earlier):
@@ -168,15 +167,16 @@ def main(argv=None):
                         "(wall times from an earlier seeds_summary.json there, if any)")
     a = p.parse_args(argv)
     if a.dataset is None:
-        summaries, walls = {}, {}
         if a.aggregate_only:
             summaries, walls = _existing_seeds(a.output, a.seeds)
-        for seed in ([] if a.aggregate_only else a.seeds):
-            t0 = time.time()
-            summaries[seed] = run_demo(os.path.join(a.output, f"seed_{seed}"), a.trainers or ["all"], a.kind,
-                                       a.cases, a.epochs, a.epochs_step0, a.iterations, a.epochs_joint, a.jobs,
-                                       seed=seed, overwrite=True, lr=a.lr)
-            walls[seed] = time.time() - t0
+        else:
+            summaries, walls = {}, {}
+            for seed in a.seeds:
+                t0 = time.time()
+                summaries[seed] = run_demo(os.path.join(a.output, f"seed_{seed}"), a.trainers or ["all"], a.kind,
+                                           a.cases, a.epochs, a.epochs_step0, a.iterations, a.epochs_joint, a.jobs,
+                                           seed=seed, overwrite=True, lr=a.lr)
+                walls[seed] = time.time() - t0
         result = aggregate_seeds(summaries, walls)
         os.makedirs(a.output, exist_ok=True)
         with open(os.path.join(a.output, "seeds_summary.json"), "w") as f:
