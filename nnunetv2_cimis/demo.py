@@ -107,11 +107,18 @@ class Clock:
         print(f"[{t // 60:02d}:{t % 60:02d}] {message}", flush=True)
 
 
-def demo_environment(output: str, epochs: int, iterations: int, lr: Optional[float] = None) -> Dict[str, str]:
+def demo_environment(output: str, epochs: int, iterations: int, lr: Optional[float] = None,
+                     jobs: Optional[int] = None) -> Dict[str, str]:
     """nnU-Net folders under ``output/nnunet`` and the package's one CPU set-up
-    (:func:`nnunetv2_cimis.settings.cpu_nnunet_environment`, shared with the tests), two validation iterations."""
-    from nnunetv2_cimis.settings import cpu_nnunet_environment
-    return cpu_nnunet_environment(os.path.join(os.path.abspath(output), "nnunet"), epochs, iterations, 2, lr)
+    (:func:`nnunetv2_cimis.settings.cpu_nnunet_environment`, shared with the tests), two validation iterations,
+    no final validation (every model is scored on the held-out test cases instead; on CPU nnU-Net's final
+    validation of a demo model costs about 20 s, most of it starting process pools) and, when ``jobs`` runs share
+    the machine, the cores divided among them (``OMP_NUM_THREADS``)."""
+    from nnunetv2_cimis.settings import ENV_FINAL_VALIDATION, cpu_nnunet_environment
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs else None
+    env = cpu_nnunet_environment(os.path.join(os.path.abspath(output), "nnunet"), epochs, iterations, 2, lr, threads)
+    env[ENV_FINAL_VALIDATION] = "0"
+    return env
 
 
 def run_training(dataset: str, configuration: str, trainer: str, env: Dict[str, str], log_dir: str,
@@ -195,7 +202,7 @@ def run_demo(output: str, trainers: Optional[Sequence[str]] = None, kind: str = 
             raise CIMISError(f"{output} already holds a demo; pass --overwrite or choose another --output.")
         shutil.rmtree(os.path.join(output, "nnunet"))
     clock = Clock()
-    env = demo_environment(output, epochs, iterations, lr)
+    env = demo_environment(output, epochs, iterations, lr, jobs)
     hparams = os.path.join(output, "hparams.json")
     with open(hparams, "w") as f:
         json.dump(DEMO_HYPERPARAMETERS, f, indent=2)

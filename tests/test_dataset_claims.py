@@ -53,7 +53,11 @@ def test_one_cpu_environment(tmp_path):
     from nnunetv2_cimis.demo import demo_environment
     from nnunetv2_cimis.settings import cpu_nnunet_environment
     demo = demo_environment(str(tmp_path / "demo"), 3, 4, lr=0.01)
-    assert demo == cpu_nnunet_environment(str(tmp_path / "demo" / "nnunet"), 3, 4, 2, 0.01)
+    assert demo == dict(cpu_nnunet_environment(str(tmp_path / "demo" / "nnunet"), 3, 4, 2, 0.01),
+                        nnUNet_cimis_final_validation="0")
+    # two runs at a time share the cores
+    cores = os.cpu_count() or 1
+    assert demo_environment(str(tmp_path / "demo"), 3, 4, jobs=2)["OMP_NUM_THREADS"] == str(max(1, cores // 2))
     tests = nnunet_env(str(tmp_path / "t"))
     shared = ("nnUNet_n_proc_DA", "nnUNet_def_n_proc", "nnUNet_compile", "OMP_WAIT_POLICY", "nnUNet_extTrainer")
     assert {k: tests[k] for k in shared} == {k: demo[k] for k in shared}

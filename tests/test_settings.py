@@ -158,3 +158,56 @@ def test_hparams_fraction_for_an_int_is_refused(monkeypatch):
     monkeypatch.setenv("nnUNet_cimis_hparams", json.dumps({"num_samples": 2.5}))
     with pytest.raises(CIMISError):
         resolve_hyperparameters(DEFAULTS, "nnUNetTrainerMiB")
+
+
+@pytest.mark.parametrize("raw, expected", [(None, True), ("", True), ("1", True), ("0", False), (" 0 ", False)])
+def test_final_validation_switch(monkeypatch, raw, expected):
+    from nnunetv2_cimis.settings import final_validation_enabled
+    if raw is None:
+        monkeypatch.delenv("nnUNet_cimis_final_validation", raising=False)
+    else:
+        monkeypatch.setenv("nnUNet_cimis_final_validation", raw)
+    assert final_validation_enabled() is expected
+
+
+@pytest.mark.parametrize("raw", ["no", "2", "true"])
+def test_final_validation_switch_bad_values(monkeypatch, raw):
+    from nnunetv2_cimis.settings import final_validation_enabled
+    monkeypatch.setenv("nnUNet_cimis_final_validation", raw)
+    with pytest.raises(CIMISError, match="use 1 .* or 0"):
+        final_validation_enabled()
+
+
+def test_skipped_final_validation_is_logged_and_never_reaches_nnunet(monkeypatch):
+    """Both the incremental trainers and the joint bound return before nnU-Net's validation (which would fail on
+    this stand-in, which is not a trainer) and say so in the training log."""
+    from nnunetv2_cimis.training.incremental_trainer import nnUNetTrainerIncremental, nnUNetTrainerJoint
+    monkeypatch.setenv("nnUNet_cimis_final_validation", "0")
+    lines = []
+    stand_in = SimpleNamespace(print_to_log_file=lines.append)
+    assert nnUNetTrainerIncremental.perform_actual_validation(stand_in) is None
+    assert nnUNetTrainerJoint.perform_actual_validation(stand_in) is None
+    assert len(lines) == 2 and all("Final validation skipped" in line and "--val" in line for line in lines)
+
+
+def test_omp_num_threads_is_honoured_on_cpu_only(monkeypatch):
+    import torch
+    from nnunetv2_cimis.settings import apply_cpu_threads
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        apply_cpu_threads(torch.device("cuda"))  # never touched off the CPU (no GPU needed: nothing is allocated)
+        assert torch.get_num_threads() == 2
+        apply_cpu_threads(torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        torch.set_num_threads(2)
+        apply_cpu_threads(torch.device("cpu"))  # unset: nnU-Net's choice stays
+        assert torch.get_num_threads() == 2
+        for bad in ("x", "0", "-1"):
+            monkeypatch.setenv("OMP_NUM_THREADS", bad)
+            with pytest.raises(CIMISError, match="OMP_NUM_THREADS"):
+                apply_cpu_threads(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)

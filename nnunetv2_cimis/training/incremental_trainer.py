@@ -46,7 +46,8 @@ from nnunetv2_cimis.memory.teacher_memory import ensure_step_memory
 from nnunetv2_cimis.networks.unwrap import unwrap_network
 from nnunetv2_cimis.safe_load import load_weights_only, torch_load_weights_only
 from nnunetv2_cimis.scenarios.step_metadata import StepInfo, read_step_info
-from nnunetv2_cimis.settings import (apply_training_length, incremental_lr, move_to_variant_folder,
+from nnunetv2_cimis.settings import (ENV_FINAL_VALIDATION, apply_cpu_threads, apply_training_length,
+                                     final_validation_enabled, incremental_lr, move_to_variant_folder,
                                      nnunet_fold_folders, resolve_hyperparameters, results_trainer_name)
 from nnunetv2_cimis.teacher.head import widen_student_from_teacher
 from nnunetv2_cimis.teacher.loading import LoadedTeacher, load_teacher, teacher_checkpoint_path
@@ -154,6 +155,7 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
             self.step: StepInfo = read_step_info(dataset_json, self.plans_manager.dataset_name)
             self.hp: Dict[str, Any] = resolve_hyperparameters(self.default_hyperparameters, self.__class__.__name__)
             apply_training_length(self)
+            apply_cpu_threads(self.device)
             if self.step.is_incremental:
                 self.initial_lr = incremental_lr(self.incremental_initial_lr)
             # nnUNet_cimis_variant_folders=1: results in <trainer>_<non-default settings>__<plans>__<configuration>
@@ -503,7 +505,10 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's final validation; at steps > 0 scored against step references (new classes from the masks,
-        old ones from the teacher), see :mod:`nnunetv2_cimis.training.validation`."""
+        old ones from the teacher), see :mod:`nnunetv2_cimis.training.validation`. Skipped with
+        ``nnUNet_cimis_final_validation=0``."""
+        if skip_final_validation(self):
+            return
         if not self.step.is_incremental:
             return super().perform_actual_validation(save_probabilities)
         from nnunetv2_cimis.training.validation import perform_step_validation
@@ -526,6 +531,17 @@ class nnUNetTrainerIncremental(nnUNetTrainer):
         memory.save(path)
         self.print_to_log_file(f"Step memory written to {path}")
         return path
+
+
+def skip_final_validation(trainer: nnUNetTrainer) -> bool:
+    """True (and a line in the training log) when ``nnUNet_cimis_final_validation=0`` switches the final
+    validation off."""
+    with exit_on_user_error():
+        enabled = final_validation_enabled()
+    if not enabled:
+        trainer.print_to_log_file(f"Final validation skipped ({ENV_FINAL_VALIDATION}=0); validate this model later "
+                                  f"with nnUNetv2_train ... --val")
+    return not enabled
 
 
 def _atomic_save_with_state(real_save, checkpoint: dict, filename: str, *args, **kwargs) -> None:
@@ -556,3 +572,9 @@ class nnUNetTrainerJoint(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         with exit_on_user_error():
             apply_training_length(self)
+            apply_cpu_threads(self.device)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's final validation, skipped with ``nnUNet_cimis_final_validation=0``."""
+        if not skip_final_validation(self):
+            super().perform_actual_validation(save_probabilities)
