@@ -156,6 +156,8 @@ def main(argv=None):
     p.add_argument("--epochs-step0", type=int, default=None)
     p.add_argument("--epochs-joint", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="initial lr of incremental steps (nnUNet_cimis_lr)")
+    p.add_argument("--features-per-stage", type=int, nargs="+", default=None,
+                   help="phantom scenario: network width per encoder stage (default: the demo's)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--skip-step0", action="store_true", help="step 0 is already trained (nnUNetTrainerFT)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -175,7 +177,7 @@ def main(argv=None):
                 t0 = time.time()
                 summaries[seed] = run_demo(os.path.join(a.output, f"seed_{seed}"), a.trainers or ["all"], a.kind,
                                            a.cases, a.epochs, a.epochs_step0, a.iterations, a.epochs_joint, a.jobs,
-                                           seed=seed, overwrite=True, lr=a.lr)
+                                           seed=seed, overwrite=True, lr=a.lr, features=a.features_per_stage)
                 walls[seed] = time.time() - t0
         result = aggregate_seeds(summaries, walls)
         os.makedirs(a.output, exist_ok=True)

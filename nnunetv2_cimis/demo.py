@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from nnunetv2_cimis.command_options import add_version_argument
@@ -63,6 +63,8 @@ class DemoKind:
     epochs_joint: int = 6
     epochs: int = 2
     lr: float = 1e-2
+    #: hyperparameters of this kind's trainers, on top of :data:`DEMO_HYPERPARAMETERS`
+    hyperparameters: Dict[str, Dict[str, object]] = field(default_factory=dict)
 
 
 KINDS = {
@@ -73,28 +75,36 @@ KINDS = {
     # the liver, below 0.3 after 800 joint iterations), the second kidney (augmentation mirrors left and right,
     # so two kidneys are told apart only by context, which emerged after 500-600 joint iterations), the small
     # pancreas and gallbladder. A fixed soft-tissue window, as a radiologist reads an abdominal CT; nnU-Net's
-    # percentile window over these bright organs would map fat and bowel to one value. nnU-Net's default width
-    # (32 features in the first stage; nnU-Net plans three stages for a 24^3 patch): width 16 ran about 2.6 times
-    # faster at 32^3 but learned erratically (the aorta was never learned in one run). 24^3 instead of 32^3: about
-    # 2.5 times cheaper per iteration and every bound met on two seeds at the same schedule; fine-tuning learned
-    # the aorta sooner (validation Dice 0.80 after 150 iterations instead of 0.30). Incremental lr 2e-2: at 1e-2
-    # fine-tuning missed the aorta in one of five runs (it depends on the step-0 model: from that run's step-0
-    # model it stayed <= 0.16 in the run and in two re-runs); at 2e-2 it learned it from that model (validation
-    # Dice 0.88) and every method met its bounds on two seeds (docs/benchmarks.md).
-    "abdominal3d": DemoKind("3d_fullres", "liver,kidney_left;aorta", (24, 24, 24), (32, 64, 128),
+    # percentile window over these bright organs would map fat and bowel to one value. Width 24-48-96 (nnU-Net
+    # plans three stages for a 24^3 patch; its default width is 32-64-128): the demo is compute-bound (about 20
+    # CPU minutes at width 32, 10 min 39 s on the idle machine), width 24 costs 0.70 of width 32 per iteration
+    # and met every bound on two seeds, where width 16 (0.35) learned erratically (the aorta was never learned in
+    # one run). 24^3 instead of 32^3: about 2.5 times cheaper per iteration and every bound met on two seeds at
+    # the same schedule. Joint model 6 x 50: at 5 x 50 it had learned the left kidney only to 0.52 in one run
+    # (pseudo Dice 0 for four epochs), at 4 x 50 to 0.10 in another. Incremental lr 2e-2: at 1e-2 fine-tuning
+    # missed the aorta in one of five runs (it depends on the step-0 model: from that run's step-0 model it
+    # stayed <= 0.16 in the run and in two re-runs); at 2e-2 it learned it from that model (validation Dice 0.88)
+    # and every method met its bounds on two seeds (docs/benchmarks.md).
+    "abdominal3d": DemoKind("3d_fullres", "liver,kidney_left;aorta", (24, 24, 24), (24, 48, 96),
                             "nnUNetTrainerFT",
                             ("nnUNetTrainerFT", "nnUNetTrainerMiB", "nnUNetTrainerPLOP", "nnUNetTrainerPGCDDAPD"),
                             organs=("liver", "aorta", "kidney_left"), num_steps=2,
-                            intensity_window=(-150.0, 250.0), cases=24, iterations=50, epochs_step0=4, epochs_joint=5,
+                            intensity_window=(-150.0, 250.0), cases=24, iterations=50, epochs_step0=4, epochs_joint=6,
                             epochs=5, lr=2e-2),
     # DDCL replays images of a diffusion model trained at the end of each step, so step 0 is trained by DDCL.
     # Measured on 2 CPU cores (docs/benchmarks.md, "2D laparoscopic demo"): with 15 frames (4 per step) and width
-    # 8-16-32-64-64 the joint model ended at 0.53; 60 frames and nnU-Net's default width (32 in the first stage)
-    # with the phantom's distinct colours learn every structure within 200 joint iterations. Every structure is
-    # drawn in every frame (run_demo): a class absent from a frame is scored 0 for a few false-positive pixels.
-    "laparoscopic2d": DemoKind("2d", "2-2-2", (64, 64), (32, 64, 128, 256, 512), "nnUNetTrainerDDCL",
+    # 8-16-32-64-64 the joint model ended at 0.53; 60 frames with the phantom's distinct colours learn every
+    # structure within 200 joint iterations. Every structure is drawn in every frame (run_demo): a class absent
+    # from a frame is scored 0 for a few false-positive pixels. Width 16-32-64-128-256 (0.43 of nnU-Net's default
+    # width per iteration; the joint model's pseudo Dice > 0.8 on every structure after 100 iterations): at width
+    # 32 a run used 1652 s of CPU time, about 14 min on 2 cores. Incremental steps 3 x 100 at lr 2e-2:
+    # at 2 x 100 and lr 1e-2 fine-tuning and MiB missed a new structure in one seed of three. Fine-tuning with
+    # MiB's head initialisation: with random rows it did not learn fat in that seed within 600 iterations
+    # (docs/trainers_baselines.md).
+    "laparoscopic2d": DemoKind("2d", "2-2-2", (64, 64), (16, 32, 64, 128, 256), "nnUNetTrainerDDCL",
                                ("nnUNetTrainerFT", "nnUNetTrainerMiB", "nnUNetTrainerDDCL"), cases=60,
-                               epochs_joint=10),
+                               epochs_joint=6, epochs=3, lr=2e-2,
+                               hyperparameters={"nnUNetTrainerFT": {"head_init": "mib"}}),
 }
 
 
@@ -170,21 +180,26 @@ def train_scenario(steps: Sequence[str], joint: Optional[str], configuration: st
 def run_demo(output: str, trainers: Optional[Sequence[str]] = None, kind: str = "abdominal3d",
              num_cases: Optional[int] = None, epochs: Optional[int] = None, epochs_step0: Optional[int] = None,
              iterations: Optional[int] = None, epochs_joint: Optional[int] = None, jobs: int = 2, seed: int = 0,
-             overwrite: bool = False, lr: Optional[float] = None) -> dict:
+             overwrite: bool = False, lr: Optional[float] = None,
+             features: Optional[Sequence[int]] = None) -> dict:
     """Run the demo (see module docstring); returns the evaluation summary. Unset arguments take the kind's
     defaults (:data:`KINDS`)."""
     from nnunetv2_cimis.training.registry import continual_trainers
     if kind not in KINDS:
         raise CIMISError(f"Unknown phantom kind {kind!r}; choose one of {sorted(KINDS)}.")
     k = KINDS[kind]
-    configuration, scenario, shape, features, step0_trainer = (k.configuration, k.scenario, k.shape, k.features,
-                                                                k.step0_trainer)
+    configuration, scenario, shape, step0_trainer = k.configuration, k.scenario, k.shape, k.step0_trainer
+    features = k.features if features is None else features
     num_cases = k.cases if num_cases is None else num_cases
     epochs = k.epochs if epochs is None else epochs
     epochs_step0 = k.epochs_step0 if epochs_step0 is None else epochs_step0
     epochs_joint = k.epochs_joint if epochs_joint is None else epochs_joint
     iterations = k.iterations if iterations is None else iterations
     lr = k.lr if lr is None else lr
+    if features is not None:
+        features = tuple(int(f) for f in features)
+        if not features or min(features) < 1:
+            raise CIMISError(f"--features-per-stage must be positive whole numbers, got {list(features)}")
     default_trainers = list(k.default_trainers) if k.default_trainers else None
     dims = len(shape)
     available = continual_trainers(dims)
@@ -205,7 +220,7 @@ def run_demo(output: str, trainers: Optional[Sequence[str]] = None, kind: str = 
     env = demo_environment(output, epochs, iterations, lr, jobs)
     hparams = os.path.join(output, "hparams.json")
     with open(hparams, "w") as f:
-        json.dump(DEMO_HYPERPARAMETERS, f, indent=2)
+        json.dump({**DEMO_HYPERPARAMETERS, **k.hyperparameters}, f, indent=2)
     env["nnUNet_cimis_hparams"] = hparams
     os.environ.update(env)
     log_dir = os.path.join(output, "logs")
@@ -262,12 +277,15 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=None,
                    help="initial learning rate of incremental steps (default per kind, the demo's steps being short: "
                         + ", ".join(f"{name} {k.lr:g}" for name, k in KINDS.items()) + ")")
+    p.add_argument("--features-per-stage", type=int, nargs="+", default=None,
+                   help="network width: features per encoder stage, written into the plans (default per kind: "
+                        + "; ".join(f"{name} {' '.join(map(str, k.features))}" for name, k in KINDS.items()) + ")")
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantom and of the patient split")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --output")
     a = p.parse_args(argv)
     run_demo(a.output, a.trainers, a.kind, a.cases, a.epochs, a.epochs_step0, a.iterations, a.epochs_joint,
-             a.jobs, a.seed, a.overwrite, a.lr)
+             a.jobs, a.seed, a.overwrite, a.lr, a.features_per_stage)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from nnunetv2_cimis.training.incremental_trainer import nnUNetTrainerFT
 from nnunetv2_cimis.training.trainers.ddcl import nnUNetTrainerDDCL
 from nnunetv2_cimis.training.trainers.iapl import nnUNetTrainerIAPL
 from nnunetv2_cimis.training.trainers.ilt import nnUNetTrainerILT
@@ -20,7 +21,7 @@ DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 #: docs page -> {value of the table's "trainer" column (None: the page has no such column) -> trainer class}
 PAGES = {
-    "trainers_baselines.md": {"LwF": nnUNetTrainerLwF, "ILT": nnUNetTrainerILT, "MiB": nnUNetTrainerMiB,
+    "trainers_baselines.md": {"FT": nnUNetTrainerFT, "LwF": nnUNetTrainerLwF, "ILT": nnUNetTrainerILT, "MiB": nnUNetTrainerMiB,
                               "PLOP": nnUNetTrainerPLOP},
     "methods_mosinversion.md": {None: nnUNetTrainerMOSInv},
     "methods_ddcl.md": {None: nnUNetTrainerDDCL},

@@ -123,15 +123,16 @@ def test_phantom_cli_writes_2d_dataset(tmp_path, monkeypatch):
 
 
 def test_demo_kind_draws_every_structure_in_every_frame(tmp_path, monkeypatch):
-    """The 2D demo: a scenario over all six structures, nnU-Net's default width, and a phantom with every
-    structure in every frame (absent classes scored 0 for a few false-positive pixels, docs/benchmarks.md)."""
+    """The 2D demo: a scenario over all six structures, fine-tuning with MiB's head initialisation (written to the
+    demo's hyperparameter file beside the CPU-sized DDCL settings), and a phantom with every structure in every
+    frame (absent classes scored 0 for a few false-positive pixels, docs/benchmarks.md)."""
     from nnunetv2_cimis import demo
     from nnunetv2_cimis.phantom import laparoscopic2d
     from nnunetv2_cimis.scenarios.scenario import parse_scenario
     k = demo.KINDS["laparoscopic2d"]
     groups = parse_scenario(k.scenario, list(STRUCTURES))
     assert len(groups) == k.num_steps and sorted(sum(groups, [])) == sorted(STRUCTURES)
-    assert k.configuration == "2d" and k.features[0] == 32 and k.step0_trainer == "nnUNetTrainerDDCL"
+    assert k.configuration == "2d" and k.step0_trainer == "nnUNetTrainerDDCL"
     assert {"nnUNetTrainerFT", "nnUNetTrainerMiB", "nnUNetTrainerDDCL"} <= set(k.default_trainers)
     seen = {}
 
@@ -151,3 +152,5 @@ def test_demo_kind_draws_every_structure_in_every_frame(tmp_path, monkeypatch):
         os.environ.clear()
         os.environ.update(saved)
     assert seen["presence"] == 1.0 and seen["num_cases"] == k.cases and tuple(seen["shape"]) == k.shape
+    hparams = json.loads((tmp_path / "out" / "hparams.json").read_text())
+    assert hparams["nnUNetTrainerFT"] == {"head_init": "mib"} and "nnUNetTrainerDDCL" in hparams

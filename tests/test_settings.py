@@ -211,3 +211,15 @@ def test_omp_num_threads_is_honoured_on_cpu_only(monkeypatch):
                 apply_cpu_threads(torch.device("cpu"))
     finally:
         torch.set_num_threads(before)
+
+
+def test_fine_tuning_head_init_hyperparameter():
+    """nnUNetTrainerFT's ``head_init``: MiB's code's random rows by default, MiB's initialisation on request."""
+    from nnunetv2_cimis.training.incremental_trainer import nnUNetTrainerFT
+    assert nnUNetTrainerFT.default_hyperparameters == {"head_init": "random"}
+    for value in ("random", "mib"):
+        stand_in = SimpleNamespace(hp={"head_init": value})
+        nnUNetTrainerFT.build_method_losses(stand_in)
+        assert stand_in.head_init == value
+    with pytest.raises(ValueError, match="head_init must be 'random' or 'mib'"):
+        nnUNetTrainerFT.build_method_losses(SimpleNamespace(hp={"head_init": "zeros"}))
