@@ -26,3 +26,11 @@ def test_bad_demo_arguments_are_refused_before_any_work(tmp_path):
     with pytest.raises(CIMISError, match="--features-per-stage must be positive"):
         run_demo(str(tmp_path / "z"), features=[24, 0])
     assert not any((tmp_path / d).exists() for d in ("x", "y", "z"))
+
+
+def test_chains_start_longest_first():
+    from nnunetv2_cimis.demo import chain_order
+    assert chain_order(["nnUNetTrainerFT", "nnUNetTrainerMiB", "nnUNetTrainerDDCL"]) == [
+        "nnUNetTrainerDDCL", "nnUNetTrainerMiB", "nnUNetTrainerFT"]
+    assert chain_order(["nnUNetTrainerFT", "nnUNetTrainerMiB", "nnUNetTrainerPLOP", "nnUNetTrainerPGCDDAPD"]) == [
+        "nnUNetTrainerMiB", "nnUNetTrainerPLOP", "nnUNetTrainerPGCDDAPD", "nnUNetTrainerFT"]
