@@ -156,18 +156,18 @@ def run_training(dataset: str, configuration: str, trainer: str, env: Dict[str, 
     return took
 
 
-#: trainers whose steps cost the most: they synthesise replay images, and DDCL trains a diffusion model at the end
-#: of every step (2D demo, idle 2 cores: a DDCL step 150 s, a fine-tuning step 50 s)
-COSTLY_TRAINERS = ("nnUNetTrainerDDCL", "nnUNetTrainerMOSInv")
+#: cost of one incremental step relative to fine-tuning's, measured on the idle 2-core machine (3D benchmark seeds
+#: 1 and 2, 350 iterations: LwF / ILT / MiB 1.2, PGCD and PGCD+DAPD 1.1, DAPD 1.4, PLOP 1.6, MOSInv 1.8; 3D demo:
+#: MiB and PGCD+DAPD 1.5, PLOP 1.8; 2D demo: DDCL, which also trains a diffusion model, 3); unlisted: 1.3
+STEP_COST = {"nnUNetTrainerFT": 1.0, "nnUNetTrainerPGCD": 1.1, "nnUNetTrainerDAPD": 1.4, "nnUNetTrainerPLOP": 1.7,
+             "nnUNetTrainerMOSInv": 1.8, "nnUNetTrainerDDCL": 3.0}
 
 
 def chain_order(trainers: Sequence[str]) -> List[str]:
-    """The order in which the trainers' chains start: the costly ones first and fine-tuning (no teacher) last, the
-    rest as given, so that the longest chain does not run alone at the end while a core idles (measured on the 2D
-    demo: DDCL's chain started last and ran its two steps alone for about 4 minutes)."""
-    def rank(t: str) -> int:
-        return 0 if t in COSTLY_TRAINERS else 2 if t == "nnUNetTrainerFT" else 1
-    return sorted(trainers, key=rank)  # stable: the given order within a rank
+    """The order in which the trainers' chains start: the costliest first (:data:`STEP_COST`), so that a long chain
+    does not run alone at the end while a core idles (measured: the 2D demo's DDCL chain, started last, ran its two
+    steps alone for about 4 minutes; the 3D demo's fine-tuning step, started last after PLOP, alone for 1 min 43 s)."""
+    return sorted(trainers, key=lambda t: -STEP_COST.get(t, 1.3))  # stable: the given order among equal costs
 
 
 def train_scenario(steps: Sequence[str], joint: Optional[str], configuration: str, plans: str,

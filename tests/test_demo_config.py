@@ -33,4 +33,4 @@ def test_chains_start_longest_first():
     assert chain_order(["nnUNetTrainerFT", "nnUNetTrainerMiB", "nnUNetTrainerDDCL"]) == [
         "nnUNetTrainerDDCL", "nnUNetTrainerMiB", "nnUNetTrainerFT"]
     assert chain_order(["nnUNetTrainerFT", "nnUNetTrainerMiB", "nnUNetTrainerPLOP", "nnUNetTrainerPGCDDAPD"]) == [
-        "nnUNetTrainerMiB", "nnUNetTrainerPLOP", "nnUNetTrainerPGCDDAPD", "nnUNetTrainerFT"]
+        "nnUNetTrainerPLOP", "nnUNetTrainerMiB", "nnUNetTrainerPGCDDAPD", "nnUNetTrainerFT"]
