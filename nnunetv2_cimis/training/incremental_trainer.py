@@ -564,7 +564,8 @@ class nnUNetTrainerFT(nnUNetTrainerIncremental):
     learned a new structure after 600 iterations where MiB's initialisation learned it within 200."""
 
     uses_teacher_outputs = False
-    default_hyperparameters = {"head_init": "random"}
+    head_init = "random"
+    default_hyperparameters = {"head_init": head_init}
 
     def build_method_losses(self) -> None:
         if self.hp["head_init"] not in ("random", "mib"):
