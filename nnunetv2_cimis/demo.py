@@ -83,10 +83,10 @@ KINDS = {
     # the same schedule. Joint model 9 x 50, the iterations of the whole chain (step 0 200 + step 1 250): the joint
     # model learns the left kidney late and at random (pseudo Dice 0 for the first 50-200 iterations in most runs):
     # at 4 x 50 it missed it in one run (0.10), at 5 x 50 in one (0.52), at 6 x 50 in one of three (pseudo Dice 0
-    # at every epoch). Incremental lr 2e-2: at 1e-2 fine-tuning
-    # missed the aorta in one of five runs (it depends on the step-0 model: from that run's step-0 model it
-    # stayed <= 0.16 in the run and in two re-runs); at 2e-2 it learned it from that model (validation Dice 0.88)
-    # and every method met its bounds on two seeds (docs/benchmarks.md).
+    # at every epoch). Incremental lr 2e-2: at 1e-2 fine-tuning missed the aorta in one of five runs (it depends
+    # on the step-0 model: from that run's step-0 model it stayed <= 0.16 in the run and in two re-runs); at 2e-2
+    # it learned it from that model (validation Dice 0.88) and every method met its bounds on two seeds
+    # (docs/benchmarks.md).
     "abdominal3d": DemoKind("3d_fullres", "liver,kidney_left;aorta", (24, 24, 24), (24, 48, 96),
                             "nnUNetTrainerFT",
                             ("nnUNetTrainerFT", "nnUNetTrainerMiB", "nnUNetTrainerPLOP", "nnUNetTrainerPGCDDAPD"),
