@@ -40,7 +40,7 @@ def make_tiny_scenario(root: str, scenario: str = "2-2-2", num_cases: int = 13, 
     write_abdominal_phantom(env["nnUNet_raw"], source_id, num_cases, shape=shape, seed=0)
     summary = make_scenario(str(source_id), scenario, list(ids), test_fraction=0.2, seed=0,
                             configuration=CONFIGURATION, plans_name=PLANS, features_per_stage=FEATURES,
-                            num_processes=1)
+                            num_processes=1, fingerprint_samples=10 ** 6)  # nnU-Net's 10e7 only costs time here
     summary["env"] = env
     return summary
 

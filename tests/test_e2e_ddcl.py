@@ -45,6 +45,7 @@ def _fold_folder(env, dataset):
 def ddcl_run(tmp_path_factory):
     from nnunetv2_cimis.phantom.laparoscopic2d import write_laparoscopic_phantom
     from nnunetv2_cimis.scenarios.make_scenario import make_scenario
+    import nnunetv2.experiment_planning.plan_and_preprocess_api as api
     old = dict(os.environ)
     root = str(tmp_path_factory.mktemp("ddcl_e2e"))
     env = nnunet_env(root, iterations=2, epochs=1, val_iterations=1)
@@ -52,19 +53,40 @@ def ddcl_run(tmp_path_factory):
     os.environ.update(env, nnUNet_n_proc_DA="1")
     try:
         write_laparoscopic_phantom(env["nnUNet_raw"], 960, 10, seed=0, shape=(64, 64))
-        summary = make_scenario("960", "3-3", [961, 962], test_fraction=0.2, seed=0, configuration=CONFIGURATION,
-                                plans_name=PLANS, features_per_stage=(4, 8, 16, 32, 32, 32, 32),
-                                step0_trainer=TRAINER, num_processes=1)
+        fingerprinted = []
+        real_extract = api.extract_fingerprint_dataset
+
+        def spy(dataset, extractor, *args):
+            fingerprinted.append((int(dataset), extractor))
+            return real_extract(dataset, extractor, *args)
+
+        api.extract_fingerprint_dataset = spy
+        try:
+            summary = make_scenario("960", "3-3", [961, 962], test_fraction=0.2, seed=0,
+                                    configuration=CONFIGURATION, plans_name=PLANS,
+                                    features_per_stage=(4, 8, 16, 32, 32, 32, 32), step0_trainer=TRAINER,
+                                    num_processes=1, fingerprint_samples=10 ** 5)
+        finally:
+            api.extract_fingerprint_dataset = real_extract
         full_env = dict(os.environ, **env, nnUNet_cimis_hparams=json.dumps(HPARAMS))
         steps = summary["step_datasets"]
         logs = []
         for ds in steps:
             logs.append(_run([_exe("nnUNetv2_train"), ds, CONFIGURATION, "0", "-tr", TRAINER, "-p", PLANS,
                               "-device", "cpu"], full_env))
-        yield {"env": full_env, "steps": steps, "summary": summary, "logs": logs}
+        yield {"env": full_env, "steps": steps, "summary": summary, "logs": logs, "fingerprinted": fingerprinted}
     finally:
         os.environ.clear()
         os.environ.update(old)
+
+
+def test_rgb_scenario_fingerprints_step0_only(ddcl_run):
+    """The default window 'all' is read by CTNormalization only: RGB frames need no joint-dataset fingerprint;
+    the one fingerprint draws the asked number of foreground pixels."""
+    [(dataset, extractor)] = ddcl_run["fingerprinted"]
+    assert dataset == 961 and ddcl_run["summary"]["intensity_window"] == "all"
+    step0 = ddcl_run["summary"]["step_datasets"][0]
+    assert extractor(step0, 1, False).num_foreground_voxels_for_intensitystats == 10 ** 5
 
 
 def test_step0_writes_diffusion_model(ddcl_run):

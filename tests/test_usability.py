@@ -48,6 +48,32 @@ def test_bad_feature_list_is_refused_before_any_work(bad, tmp_path, monkeypatch)
     assert not (tmp_path / "raw").exists()
 
 
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True])
+def test_bad_fingerprint_samples_are_refused_before_any_work(bad, tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    with pytest.raises(CIMISError, match="--fingerprint-samples takes a positive whole number"):
+        ms.make_scenario("999", "2-2", [960, 961], fingerprint_samples=bad)
+    assert not (tmp_path / "raw").exists()
+    assert ms.check_fingerprint_samples(None) is None and ms.check_fingerprint_samples(1000.0) == 1000
+
+
+def test_fingerprint_extractor_draws_the_asked_number_of_samples(tmp_path, monkeypatch):
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+    assert ms.fingerprint_extractor(None) is DatasetFingerprintExtractor
+    cls = ms.fingerprint_extractor(12345)
+    assert issubclass(cls, DatasetFingerprintExtractor)
+    # nnU-Net's constructor reads the raw dataset's dataset.json: a minimal one
+    monkeypatch.setattr("nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor.nnUNet_raw",
+                        str(tmp_path))
+    folder = tmp_path / "Dataset970_X"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0},
+                                                     "numTraining": 0, "file_ending": ".nii.gz"}))
+    assert cls("Dataset970_X", 1, False).num_foreground_voxels_for_intensitystats == 12345
+    assert DatasetFingerprintExtractor("Dataset970_X", 1, False).num_foreground_voxels_for_intensitystats == 10e7
+
+
 def test_bad_feature_list_on_the_command_line(capsys):
     with pytest.raises(SystemExit) as e:
         ms.main(["-d", "999", "-s", "2-2", "--ids", "960", "961", "--features-per-stage", "8", "0"])

@@ -21,8 +21,8 @@ from nnunetv2_cimis.command_options import add_version_argument
 from nnunetv2_cimis.errors import CIMISError, cli_entry
 from nnunetv2_cimis.naming import check_dataset_id, check_dataset_name, dataset_folder_name
 from nnunetv2_cimis.safe_load import load_json_object
-from nnunetv2_cimis.scenarios.intensity import (WindowSpec, fixed_window_properties, parse_intensity_window,
-                                                set_intensity_properties)
+from nnunetv2_cimis.scenarios.intensity import (WindowSpec, ct_windows, fixed_window_properties,
+                                                parse_intensity_window, set_intensity_properties)
 from nnunetv2_cimis.nnunet_folders import dataset_id_taken, dataset_name, require_env
 from nnunetv2_cimis.scenarios.datasets import (SegmentationIO, check_images_readable, load_raw_dataset, plain_labels,
                                                raw_relative, remap, sigterm_as_interrupt, staged_folder,
@@ -75,14 +75,48 @@ def shrink_network(plans_file: str, configuration: str, features_per_stage: Sequ
     return kwargs["features_per_stage"]
 
 
+def check_fingerprint_samples(value: Optional[int]) -> Optional[int]:
+    """Validate ``--fingerprint-samples`` (None: nnU-Net's own number)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise CIMISError(f"--fingerprint-samples takes a positive whole number of foreground voxels, got {value!r}.")
+    return int(value)
+
+
+def fingerprint_extractor(samples: Optional[int] = None):
+    """nnU-Net's ``DatasetFingerprintExtractor``, or, with ``samples``, the same extractor drawing ``samples``
+    foreground voxels over the whole dataset for its intensity statistics instead of nnU-Net's 10e7.
+
+    nnU-Net draws with replacement, so a dataset with fewer foreground voxels than that gains nothing from more
+    draws. Measured with 1 process: the 2D laparoscopic demo (60 RGB frames of 64 x 64) took 29 s per fingerprint
+    with 10e7 (13-15 s drawing about 6 million voxels per case, 11 s of percentiles over 10e7 values per channel)
+    and 4 s with 1e6, most of it starting the worker; the 3D phantom (24 cases of 32^3) 14.3 s and 4.3 s, with
+    the same 0.5 / 50 / 99.5 percentiles (-806 / 106 / 214 HU), mean 91.7 vs 92.0 HU, std 148.6 vs 148.1 HU.
+    Only ``CTNormalization`` reads these statistics."""
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+    if samples is None:
+        return DatasetFingerprintExtractor
+
+    class SampledFingerprintExtractor(DatasetFingerprintExtractor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.num_foreground_voxels_for_intensitystats = samples
+
+    return SampledFingerprintExtractor
+
+
 def plan_and_preprocess(step0_id: int, other_ids: Sequence[int], configuration: str, planner: str,
                         plans_name: str, features_per_stage: Optional[Sequence[int]], num_processes: int,
-                        intensity_window: WindowSpec = "step0", joint_id: Optional[int] = None) -> None:
+                        intensity_window: WindowSpec = "step0", joint_id: Optional[int] = None,
+                        fingerprint_samples: Optional[int] = None) -> None:
     """Real nnU-Net planning on step 0; plans moved to the others; all preprocessed with them.
 
     ``intensity_window`` (see :mod:`nnunetv2_cimis.scenarios.intensity`): ``"step0"`` keeps nnU-Net's window of
     step 0's foreground, ``"all"`` takes nnU-Net's rule over the foreground of ``joint_id`` (all training cases,
-    all classes), ``(low, high)`` a fixed window.
+    all classes), ``(low, high)`` a fixed window. The window is read by ``CTNormalization`` only, so for plans
+    without a CT channel (RGB, MRI) ``"all"`` skips the joint dataset's fingerprint and changes nothing.
+    ``fingerprint_samples``: see :func:`fingerprint_extractor`.
     """
     import nnunetv2
     from batchgenerators.utilities.file_and_folder_operations import join
@@ -91,10 +125,10 @@ def plan_and_preprocess(step0_id: int, other_ids: Sequence[int], configuration: 
     from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import \
         move_plans_between_datasets
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
-    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
 
     pre = require_env("nnUNet_preprocessed")
-    extract_fingerprint_dataset(step0_id, DatasetFingerprintExtractor, num_processes, False, True, False, False)
+    extractor = fingerprint_extractor(fingerprint_samples)
+    extract_fingerprint_dataset(step0_id, extractor, num_processes, False, True, False, False)
     planner_class = recursive_find_python_class(join(nnunetv2.__path__[0], "experiment_planning"), planner,
                                                 current_module="nnunetv2.experiment_planning")
     if planner_class is None:
@@ -114,9 +148,12 @@ def plan_and_preprocess(step0_id: int, other_ids: Sequence[int], configuration: 
     if intensity_window == "all":
         if joint_id is None:
             raise CIMISError("--intensity-window all needs the scenario's joint dataset")
-        extract_fingerprint_dataset(joint_id, DatasetFingerprintExtractor, num_processes, False, True, False, False)
-        with open(os.path.join(pre, dataset_name(joint_id), "dataset_fingerprint.json")) as f:
-            set_intensity_properties(plans_file, json.load(f)["foreground_intensity_properties_per_channel"])
+        with open(plans_file) as f:
+            has_ct_channel = bool(ct_windows(json.load(f)))
+        if has_ct_channel:  # without one nothing reads the window: no second fingerprint
+            extract_fingerprint_dataset(joint_id, extractor, num_processes, False, True, False, False)
+            with open(os.path.join(pre, dataset_name(joint_id), "dataset_fingerprint.json")) as f:
+                set_intensity_properties(plans_file, json.load(f)["foreground_intensity_properties_per_channel"])
     elif intensity_window != "step0":
         with open(plans_file) as f:
             channels = json.load(f)["foreground_intensity_properties_per_channel"]
@@ -206,7 +243,8 @@ def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Opti
                   configuration: str = "3d_fullres", planner: str = "ExperimentPlanner",
                   plans_name: str = "nnUNetPlans", features_per_stage: Optional[Sequence[int]] = None,
                   step0_trainer: str = "nnUNetTrainerFT", num_processes: int = 1, preprocess: bool = True,
-                  intensity_window: Union[str, Sequence[float], None] = "all") -> dict:
+                  intensity_window: Union[str, Sequence[float], None] = "all",
+                  fingerprint_samples: Optional[int] = None) -> dict:
     """Create the step datasets, the joint dataset and the test set of a scenario (see module docstring).
 
     ``source`` is one dataset (id or name) or, for a dataset sequence, a list of them. Returns a summary dict
@@ -216,6 +254,7 @@ def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Opti
         check_dataset_name(name, "--name")
     features_per_stage = check_features_per_stage(features_per_stage)  # before any fingerprinting or planning
     intensity_window = parse_intensity_window(intensity_window)
+    fingerprint_samples = check_fingerprint_samples(fingerprint_samples)
     raw_root = require_env("nnUNet_raw")
     source_list = [source] if isinstance(source, (str, int)) else list(source)
     sources = [_load_source(str(s)) for s in source_list]
@@ -306,7 +345,7 @@ def make_scenario(source, scenario: str, step_ids: Sequence[int], joint_id: Opti
             for n in names + [joint_name]:
                 claim(os.path.join(pre, n))
             plan_and_preprocess(step_ids[0], list(step_ids[1:]) + [joint_id], configuration, planner, plans_name,
-                                features_per_stage, num_processes, intensity_window, joint_id)
+                                features_per_stage, num_processes, intensity_window, joint_id, fingerprint_samples)
             joint_cases = [sources[k].prefix + c for t, (k, _) in enumerate(steps) for c in subsets[t]]
             step_cases = [[sources[k].prefix + c for c in subsets[t]] for t, (k, _) in enumerate(steps)]
             for n, subset in zip(names + [joint_name], step_cases + [joint_cases]):
@@ -402,6 +441,9 @@ def main(argv=None):
                    help="CT window of the plans: 'all' (default: nnU-Net's percentile rule over the labelled "
                         "foreground of every step's training cases, so later steps' organs are not clipped), 'step0' "
                         "(plain nnU-Net: step 0's organs only) or a fixed 'LOW,HIGH' window, e.g. -150,250")
+    p.add_argument("--fingerprint-samples", type=int, default=None,
+                   help="foreground voxels nnU-Net draws over the whole dataset for its intensity statistics "
+                        "(default: nnU-Net's 10e7); on small datasets 1000000 is as good and much faster")
     p.add_argument("-np", "--num-processes", type=int, default=1)
     p.add_argument("--no-preprocess", action="store_true", help="write the raw datasets only")
     a = p.parse_args(argv)
@@ -409,5 +451,5 @@ def main(argv=None):
     with contextlib.redirect_stdout(sys.stderr):
         summary = make_scenario(a.source if len(a.source) > 1 else a.source[0], a.scenario, a.ids, a.joint_id, a.test_fraction, a.seed, a.name,
                                 a.configuration, a.planner, a.plans_name, a.features_per_stage, a.step0_trainer,
-                                a.num_processes, not a.no_preprocess, a.intensity_window)
+                                a.num_processes, not a.no_preprocess, a.intensity_window, a.fingerprint_samples)
     print(json.dumps(summary, indent=2))
