@@ -35,12 +35,10 @@ PLANS = "nnUNetPlansDemo"
 FINGERPRINT_SAMPLES = 10 ** 6
 #: CPU-sized settings of the methods whose defaults are sized for a GPU (written to hparams.json, passed through
 #: nnUNet_cimis_hparams): fewer and shorter inversions; a smaller diffusion model on 32 x 32 images, trained
-#: shorter at a higher rate to predict the clean image (docs/methods_ddcl.md), and fewer replay samples. 60
-#: diffusion iterations, not 100: each of DDCL's three steps trains one, on the 2D demo's critical path (about
-#: 22 s each saved); DDCL kept 98 % of the joint model with 60 (docs/benchmarks.md, "2D demo time")
+#: shorter at a higher rate to predict the clean image (docs/methods_ddcl.md), and fewer replay samples
 DEMO_HYPERPARAMETERS = {
     "nnUNetTrainerMOSInv": {"num_synthetic": 6, "inversion_iterations": 50},
-    "nnUNetTrainerDDCL": {"num_synthetic": 16, "diffusion_train_iterations": 60, "diffusion_image_size": 32,
+    "nnUNetTrainerDDCL": {"num_synthetic": 16, "diffusion_train_iterations": 100, "diffusion_image_size": 32,
                           "diffusion_channels": [32, 64], "diffusion_learning_rate": 1e-3,
                           "diffusion_prediction_type": "sample"},
 }
