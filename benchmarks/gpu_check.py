@@ -149,7 +149,7 @@ def device_info(device: str) -> dict:
 def prepare(work: str, p: dict) -> dict:
     """Fresh work folder: phantom, scenario (nnU-Net plans on step 0), environment. Returns the scenario summary
     plus ``env``."""
-    from nnunetv2_cimis.demo import demo_environment
+    from nnunetv2_cimis.demo import FINGERPRINT_SAMPLES, demo_environment
     from nnunetv2_cimis.phantom.abdominal3d import write_abdominal_phantom
     from nnunetv2_cimis.scenarios.make_scenario import make_scenario
     if os.path.isdir(work):
@@ -175,7 +175,7 @@ def prepare(work: str, p: dict) -> dict:
         summary = make_scenario(str(SOURCE_ID), "2-2-2", [FIRST_STEP_ID + i for i in range(3)], seed=0,
                                 configuration=CONFIGURATION, plans_name=p["plans"],
                                 features_per_stage=p["features"], step0_trainer=STEP0_TRAINER,
-                                num_processes=nproc)
+                                num_processes=nproc, fingerprint_samples=FINGERPRINT_SAMPLES)
     summary["env"] = env
     return summary
 

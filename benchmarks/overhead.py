@@ -105,7 +105,7 @@ def prepare(workdir: str, shape: int, default_network: bool, cases: int, device:
     settings and is complete; otherwise it is rebuilt from scratch (an earlier run with other settings, e.g. the
     small network, or an interrupted one, left a stale folder without the plans this run needs).
     """
-    from nnunetv2_cimis.demo import Clock, demo_environment, run_training
+    from nnunetv2_cimis.demo import FINGERPRINT_SAMPLES, Clock, demo_environment, run_training
     from nnunetv2_cimis.phantom.abdominal3d import write_abdominal_phantom
     from nnunetv2_cimis.scenarios.make_scenario import make_scenario
     work = os.path.join(workdir, settings_key(shape, default_network, cases))
@@ -133,7 +133,8 @@ def prepare(workdir: str, shape: int, default_network: bool, cases: int, device:
     import io
     with contextlib.redirect_stdout(io.StringIO()):
         summary = make_scenario("800", "2-2-2", [801, 802, 803], configuration=CONFIGURATION,
-                                plans_name=plans_name(default_network), features_per_stage=features)
+                                plans_name=plans_name(default_network), features_per_stage=features,
+                                fingerprint_samples=FINGERPRINT_SAMPLES)
     run_training(summary["step_datasets"][0], CONFIGURATION, STEP0_TRAINER, env, work, Clock(), 2,
                  plans_name(default_network), device)
     with open(marker_path, "w") as f:

@@ -48,7 +48,7 @@ def test_bad_feature_list_is_refused_before_any_work(bad, tmp_path, monkeypatch)
     assert not (tmp_path / "raw").exists()
 
 
-@pytest.mark.parametrize("bad", [0, -5, 2.5, True])
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True, "many", float("nan"), float("inf")])
 def test_bad_fingerprint_samples_are_refused_before_any_work(bad, tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
     with pytest.raises(CIMISError, match="--fingerprint-samples takes a positive whole number"):

@@ -79,7 +79,11 @@ def check_fingerprint_samples(value: Optional[int]) -> Optional[int]:
     """Validate ``--fingerprint-samples`` (None: nnU-Net's own number)."""
     if value is None:
         return None
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+    try:
+        ok = not isinstance(value, bool) and int(value) == value and int(value) >= 1
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
         raise CIMISError(f"--fingerprint-samples takes a positive whole number of foreground voxels, got {value!r}.")
     return int(value)
 
