@@ -1,14 +1,14 @@
 """How fast is this machine right now? A fixed one-thread convolution workload, to put demo times in context.
 
 A shared virtual machine's speed varies from hour to hour: on the 2-core build machine the same demo run took
-9 min 7 s in one hour and 11 min 35 s in another, with epochs 1.35-1.45 times longer and a steal time of 15-35 %
+9 min 7 s in one hour and 11 min 35 s in another, with epochs 1.4-1.5 times longer and a steal time of 15-35 %
 of a core (docs/benchmarks.md, "2D demo time"). Run this before and after a timed run and report its figure with
 the time. The workload: 30 forward and backward passes of six 3 x 3 x 3 convolutions with 16 channels and leaky
 ReLUs on a batch of 2 x 24^3 (the 3D demo's patch) in one thread, after 3 warm-up passes; ``--repeats`` runs it
 several times and prints each time and the best.
 
 Measured on the 2-core build machine (CPU): 2.4-2.9 s around the demo runs recorded in docs/benchmarks.md, up to
-3.4 s in the slow hour.
+3.4 s just after the slow run.
 
 Example::
 
