@@ -205,6 +205,7 @@ def run_demo(output: str, trainers: Optional[Sequence[str]] = None, kind: str = 
              features: Optional[Sequence[int]] = None) -> dict:
     """Run the demo (see module docstring); returns the evaluation summary. Unset arguments take the kind's
     defaults (:data:`KINDS`)."""
+    from nnunetv2_cimis.scenarios.make_scenario import check_features_per_stage, make_scenario
     from nnunetv2_cimis.training.registry import continual_trainers
     if kind not in KINDS:
         raise CIMISError(f"Unknown phantom kind {kind!r}; choose one of {sorted(KINDS)}.")
@@ -217,10 +218,7 @@ def run_demo(output: str, trainers: Optional[Sequence[str]] = None, kind: str = 
     epochs_joint = k.epochs_joint if epochs_joint is None else epochs_joint
     iterations = k.iterations if iterations is None else iterations
     lr = k.lr if lr is None else lr
-    if features is not None:
-        features = tuple(int(f) for f in features)
-        if not features or min(features) < 1:
-            raise CIMISError(f"--features-per-stage must be positive whole numbers, got {list(features)}")
+    features = check_features_per_stage(features)  # before the phantom is written
     default_trainers = list(k.default_trainers) if k.default_trainers else None
     dims = len(shape)
     available = continual_trainers(dims)
@@ -257,7 +255,6 @@ def run_demo(output: str, trainers: Optional[Sequence[str]] = None, kind: str = 
         # false-positive pixels, which at presence 0.7 dominated the scores (docs/benchmarks.md)
         write_laparoscopic_phantom(env["nnUNet_raw"], SOURCE_ID, num_cases, seed=seed, shape=shape, presence=1.0)
     clock.log(f"making scenario {scenario}: nnU-Net plans step 0, plans moved, every step preprocessed")
-    from nnunetv2_cimis.scenarios.make_scenario import make_scenario
     import contextlib
     import io
     with contextlib.redirect_stdout(io.StringIO()):

@@ -23,7 +23,7 @@ def test_bad_demo_arguments_are_refused_before_any_work(tmp_path):
         run_demo(str(tmp_path / "x"), kind="mri")
     with pytest.raises(CIMISError, match="Unknown or unsuitable trainers"):
         run_demo(str(tmp_path / "y"), trainers=["nnUNetTrainerNope"])
-    with pytest.raises(CIMISError, match="--features-per-stage must be positive"):
+    with pytest.raises(CIMISError, match="--features-per-stage takes positive integers"):
         run_demo(str(tmp_path / "z"), features=[24, 0])
     assert not any((tmp_path / d).exists() for d in ("x", "y", "z"))
 

@@ -49,7 +49,7 @@ from nnunetv2_cimis.scenarios.step_metadata import StepInfo, read_step_info
 from nnunetv2_cimis.settings import (ENV_FINAL_VALIDATION, apply_cpu_threads, apply_training_length,
                                      final_validation_enabled, incremental_lr, move_to_variant_folder,
                                      nnunet_fold_folders, resolve_hyperparameters, results_trainer_name)
-from nnunetv2_cimis.teacher.head import widen_student_from_teacher
+from nnunetv2_cimis.teacher.head import HEAD_INITS, widen_student_from_teacher
 from nnunetv2_cimis.teacher.loading import LoadedTeacher, load_teacher, teacher_checkpoint_path
 
 CHECKPOINT_KEY = "cimis_state"
@@ -568,7 +568,7 @@ class nnUNetTrainerFT(nnUNetTrainerIncremental):
     default_hyperparameters = {"head_init": head_init}
 
     def build_method_losses(self) -> None:
-        if self.hp["head_init"] not in ("random", "mib"):
+        if self.hp["head_init"] not in HEAD_INITS:  # checked at step 0 too, where no head is widened
             raise ValueError(f"head_init must be 'random' or 'mib', got {self.hp['head_init']!r}")
         self.head_init = self.hp["head_init"]
 
