@@ -21,8 +21,8 @@ DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 #: docs page -> {value of the table's "trainer" column (None: the page has no such column) -> trainer class}
 PAGES = {
-    "trainers_baselines.md": {"FT": nnUNetTrainerFT, "LwF": nnUNetTrainerLwF, "ILT": nnUNetTrainerILT, "MiB": nnUNetTrainerMiB,
-                              "PLOP": nnUNetTrainerPLOP},
+    "trainers_baselines.md": {"FT": nnUNetTrainerFT, "LwF": nnUNetTrainerLwF, "ILT": nnUNetTrainerILT,
+                              "MiB": nnUNetTrainerMiB, "PLOP": nnUNetTrainerPLOP},
     "methods_mosinversion.md": {None: nnUNetTrainerMOSInv},
     "methods_ddcl.md": {None: nnUNetTrainerDDCL},
     "methods_pgcd_dapd.md": {None: nnUNetTrainerPGCDDAPD},
